@@ -1,0 +1,67 @@
+"""Tiny randomly initialised models of the real architectures, made in the test: no files, no hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Write a short poem about the sea. "
+    "# Query: List three colors.\n# Answer: Red, green and blue.\n"
+    "Answer in JSON. Use no commas. Respond in all lowercase letters. End with the phrase 'Is there anything else?'\n"
+    "0123456789 {}[]:,.\"'-*#\n"
+)
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(chat_template: str | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def make_tiny_model(out_dir: str | Path, *, arch: str = "llama", chat_template: str | None = None, seed: int = 0) -> Path:
+    """Save a tiny random Llama or Qwen2 model + tokenizer to ``out_dir`` and return it."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    out_dir = Path(out_dir)
+    tok = make_tokenizer(chat_template)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
