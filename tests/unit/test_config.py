@@ -1,0 +1,56 @@
+import pytest
+
+from shared.config import Config, ConfigError, load_config, save_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_file():
+    cfg = load_config()
+    assert cfg.server.port == 8000 and cfg.run.name == "demo"
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(tmp_path, "run:\n  name: r1\nserver:\n  port: 9000\n")
+    cfg = load_config(p, ["server.port=9100", "cost.gpu_usd_per_hour=1.74", "server.extra_args=[--enforce-eager]"])
+    assert cfg.run.name == "r1"
+    assert cfg.server.port == 9100  # override wins over the file
+    assert cfg.cost.gpu_usd_per_hour == 1.74
+    assert cfg.server.extra_args == ["--enforce-eager"]
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    p = write(tmp_path, "server:\n  port: 99999\n  bakend: vllm\ncost:\n  gpu_usd_per_hour: -1\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p, ["noequals", "client.max_retries=many"])
+    probs = ei.value.problems
+    text = str(ei.value)
+    assert len(probs) == 5, probs
+    assert "server.port" in text and "server.bakend: unknown key" in text
+    assert "cost.gpu_usd_per_hour" in text and "client.max_retries" in text
+    assert "override 'noequals'" in text
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "server: [unclosed\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_run_name_must_be_plain(tmp_path):
+    with pytest.raises(ConfigError, match="run.name"):
+        load_config(None, ["run.name=../escape"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["server.port=8123", "run.name=x"])
+    out = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(out) == cfg
+    assert isinstance(load_config(out), Config)
