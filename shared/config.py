@@ -87,13 +87,34 @@ class CostConfig(Section):
     budget_usd: float | None = Field(None, gt=0, description="Stop cleanly once the ledger reaches this.")
 
 
+class ModelConfig(Section):
+    base: str = Field("smollm2-135m", description="The round-0 model: a 16-bit HF dir or a packaged model name.")
+    allow_instruct: bool = Field(
+        False, description="Start from a model eval.base_check calls INSTRUCT (the packaged demo model is one)."
+    )
+    template: Path | None = Field(None, description="Base-model prompt template; default constitution/base_template.yaml.")
+
+
+class EvalConfig(Section):
+    suite: str = Field("own", description="ifeval (541 prompts) | own (generated, held-out split) | path/to/suite.jsonl")
+    limit: int | None = Field(None, ge=1, description="Score only the first N prompts (quick checks).")
+    prompt_style: Literal["base", "chat"] = Field("base", description="base: few-shot template via /v1/completions.")
+    max_tokens: int = Field(512, ge=1, description="Longer answers cost time; too short truncates and fails length checks.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy: the same model gives the same score.")
+    concurrency: int = Field(16, ge=1, description="Requests in flight; vLLM wants hundreds, the CPU server ~batch size.")
+    gate_metric: Literal["prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"] = "prompt_loose"
+    target: float = Field(0.95, ge=0.0, le=1.0, description="The plan's success rate: stop when reached.")
+
+
 class Config(Section):
     """The whole pipeline's config. Later stages add their own sections here."""
 
     run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 C = TypeVar("C", bound=BaseModel)
