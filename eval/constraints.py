@@ -1,0 +1,162 @@
+"""Verifiable-constraint generator: the project's own instruction-following prompts.
+
+A task from ``constitution/seed_tasks.jsonl`` ("Explain how tides work.") gets 1-3 IFEval-kind constraints
+("Your response should contain at least 3 sentences. Do not include any commas in your response."),
+never two that conflict (lm-eval's conflict table, made symmetric). The constraint text is lm-eval's own
+``build_description`` and the checker is lm-eval's, so what pair_builder verifies is exactly what eval
+scores. Everything is seeded: the same (seed, task) always gives the same prompt.
+
+Tasks are split by a hash of their id: the ``heldout`` split (the ``own`` eval suite) is never used to
+build training pairs, so the eval measures generalisation, not memorisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from eval.ifeval import instruction_class
+from shared.records import Constraint, content_hash
+
+SEED_TASKS = Path(__file__).resolve().parent.parent / "constitution" / "seed_tasks.jsonl"
+HELDOUT_FRACTION = 0.2
+Split = Literal["train", "heldout"]
+
+_RELATIONS = ("less than", "at least")
+_KEYWORDS = ("example", "simple", "future", "balance", "community", "careful", "surprise", "energy",
+             "history", "patience", "reason", "detail", "important", "morning", "journey", "quality")
+_FORBIDDEN = ("very", "really", "thing", "good", "great", "basically", "just", "also", "many", "lot")
+_END_PHRASES = ("Is there anything else I can help with?", "Let me know if you have additional questions.",
+                "Any other questions?", "That is all.")
+_LETTERS = "aeinorst"
+
+# instruction id -> kwargs sampler. Ids left out need task-specific inputs (repeat_prompt,
+# constrained_response, nth_paragraph_first_word) or a non-English task (response_language).
+_SAMPLERS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
+    "punctuation:no_comma": lambda r: {},
+    "change_case:english_lowercase": lambda r: {},
+    "change_case:english_capital": lambda r: {},
+    "change_case:capital_word_frequency": lambda r: {
+        "capital_frequency": r.randint(2, 5), "capital_relation": r.choice(_RELATIONS)},
+    "detectable_format:title": lambda r: {},
+    "detectable_format:json_format": lambda r: {},
+    "detectable_format:number_bullet_lists": lambda r: {"num_bullets": r.randint(2, 5)},
+    "detectable_format:number_highlighted_sections": lambda r: {"num_highlights": r.randint(1, 3)},
+    "detectable_format:multiple_sections": lambda r: {
+        "section_spliter": r.choice(("Section", "SECTION", "PART")), "num_sections": r.randint(2, 4)},
+    "length_constraints:number_words": lambda r: {
+        "num_words": r.choice((40, 60, 80, 120, 200)), "relation": r.choice(_RELATIONS)},
+    "length_constraints:number_sentences": lambda r: {
+        "num_sentences": r.randint(2, 8), "relation": r.choice(_RELATIONS)},
+    "length_constraints:number_paragraphs": lambda r: {"num_paragraphs": r.randint(2, 4)},
+    "keywords:existence": lambda r: {"keywords": r.sample(_KEYWORDS, 2)},
+    "keywords:forbidden_words": lambda r: {"forbidden_words": r.sample(_FORBIDDEN, 2)},
+    "keywords:frequency": lambda r: {
+        "keyword": r.choice(_KEYWORDS), "frequency": r.randint(2, 3), "relation": "at least"},
+    "keywords:letter_frequency": lambda r: {
+        "letter": r.choice(_LETTERS), "let_frequency": r.randint(3, 8), "let_relation": r.choice(_RELATIONS)},
+    "detectable_content:postscript": lambda r: {"postscript_marker": r.choice(("P.S.", "P.P.S"))},
+    "detectable_content:number_placeholders": lambda r: {"num_placeholders": r.randint(1, 3)},
+    "startend:end_checker": lambda r: {"end_phrase": r.choice(_END_PHRASES)},
+    "startend:quotation": lambda r: {},
+    "combination:two_responses": lambda r: {},
+}
+GENERATED_IDS: tuple[str, ...] = tuple(sorted(_SAMPLERS))
+
+
+@lru_cache(maxsize=1)
+def conflicts() -> dict[str, frozenset[str]]:
+    """lm-eval's conflict table, made symmetric (if A conflicts with B, B conflicts with A) and reflexive."""
+    from eval.ifeval import conflict_table
+
+    table = {k: set(v) | {k} for k, v in conflict_table().items()}
+    for k, vs in list(table.items()):
+        for v in vs:
+            table.setdefault(v, {v}).add(k)
+    return {k: frozenset(v) for k, v in table.items()}
+
+
+def sample_constraints(rng: random.Random, k: int) -> list[Constraint]:
+    """Up to ``k`` mutually compatible constraints (fewer only if the table leaves no compatible id)."""
+    table = conflicts()
+    chosen: list[Constraint] = []
+    blocked: set[str] = set()
+    for iid in rng.sample(GENERATED_IDS, len(GENERATED_IDS)):
+        if len(chosen) == k:
+            break
+        if iid in blocked or any(iid in table.get(c.id, ()) for c in chosen):
+            continue
+        chosen.append(Constraint(id=iid, kwargs=_SAMPLERS[iid](rng)))
+        blocked |= table.get(iid, frozenset({iid}))
+    return chosen
+
+
+def describe(c: Constraint) -> str:
+    """The constraint's instruction text, from lm-eval's ``build_description``."""
+    checker = instruction_class(c.id)(c.id)
+    return checker.build_description(**c.kwargs)
+
+
+def render_prompt(task: str, constraints: list[Constraint]) -> str:
+    return " ".join([task.strip(), *(describe(c) for c in constraints)])
+
+
+def load_tasks(path: str | os.PathLike[str] | None = None) -> list[dict[str, str]]:
+    """Tasks (``id``, ``task``) from a JSONL file; every bad line is reported at once."""
+    p = Path(path) if path else SEED_TASKS
+    tasks, problems, seen = [], [], set()
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n}: not JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("task"), str) or not obj["task"].strip():
+            problems.append(f"line {n}: expected an object with a non-empty 'task' string")
+            continue
+        tid = str(obj.get("id") or content_hash(obj["task"]))
+        if tid in seen:
+            problems.append(f"line {n}: duplicate id {tid!r}")
+            continue
+        seen.add(tid)
+        tasks.append({"id": tid, "task": obj["task"].strip()})
+    if problems:
+        raise ValueError(f"{p}: {len(problems)} bad line(s):\n  " + "\n  ".join(problems))
+    if not tasks:
+        raise ValueError(f"{p}: no tasks; add JSON lines like {{\"id\": \"t1\", \"task\": \"Explain ...\"}}")
+    return tasks
+
+
+def split_of(task_id: str) -> Split:
+    """A stable train/heldout assignment from the task id alone (no RNG state, no ordering effects)."""
+    h = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "big") / 2**64
+    return "heldout" if h < HELDOUT_FRACTION else "train"
+
+
+def make_item(task: dict[str, str], *, seed: int, variant: int = 0, max_constraints: int = 3) -> dict[str, Any]:
+    """One IFEval-format item (key, prompt, instruction_id_list, kwargs) for a task, deterministic in its inputs."""
+    rng = random.Random(f"{seed}:{task['id']}:{variant}")
+    cons = sample_constraints(rng, rng.randint(1, max_constraints))
+    return {
+        "key": f"own-{content_hash(seed, task['id'], variant)[:12]}",
+        "task_id": task["id"],
+        "task": task["task"],
+        "prompt": render_prompt(task["task"], cons),
+        "instruction_id_list": [c.id for c in cons],
+        "kwargs": [c.kwargs for c in cons],
+    }
+
+
+def own_suite(*, split: Split = "heldout", seed: int = 1234, variants: int = 2,
+              tasks_path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """The ``own`` eval suite: every ``split`` task x ``variants`` constraint draws."""
+    tasks = [t for t in load_tasks(tasks_path) if split_of(t["id"]) == split]
+    return [make_item(t, seed=seed, variant=v) for t in tasks for v in range(variants)]

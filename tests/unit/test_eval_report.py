@@ -1,0 +1,39 @@
+import json
+
+from eval.report import compare, write_report
+
+
+def _results(flags):
+    return [{"key": f"k{i}", "instruction_id_list": ["punctuation:no_comma"], "follow_strict": [f],
+             "follow_loose": [f], "prompt_strict": f, "prompt_loose": f} for i, f in enumerate(flags)]
+
+
+def _write(d, flags):
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _results(flags)))
+
+
+def test_compare_detects_gain_and_noise(tmp_path):
+    _write(tmp_path / "a", [False] * 80 + [True] * 20)
+    _write(tmp_path / "b", [True] * 90 + [False] * 10)
+    c = compare(tmp_path / "a", tmp_path / "b", n_boot=500)
+    m = c["metrics"]["prompt_strict"]
+    assert c["n_paired"] == 100
+    assert abs(m["delta"] - 0.7) < 1e-9 and m["significant"] and m["ci95"][0] > 0.5
+    same = compare(tmp_path / "a", tmp_path / "a", n_boot=200)["metrics"]["prompt_loose"]
+    assert same["delta"] == 0 and not same["significant"]
+
+
+def test_report_with_round_history(tmp_path):
+    scores = {"model": "m", "suite": "own", "n_prompts": 2, "settings": {}, "truncated": 0,
+              "prompt_strict": 0.5, "prompt_loose": 0.5, "instruction_strict": 0.5, "instruction_loose": 0.5,
+              "by_instruction": {"punctuation": {"strict": 0.5, "loose": 0.5, "count": 2},
+                                 "punctuation:no_comma": {"strict": 0.5, "loose": 0.5, "count": 2}}}
+    for k, v in ((0, 0.25), (1, 0.5)):
+        d = tmp_path / "run" / f"round-{k}" / "eval"
+        d.mkdir(parents=True)
+        (d / "scores.json").write_text(json.dumps({**scores, "prompt_loose": v}))
+    out = tmp_path / "run" / "round-1" / "eval"
+    md = write_report(out, scores).read_text()
+    assert "| prompt_strict | 0.5000 |" in md and "## By round" in md
+    assert (out / "by_category.png").stat().st_size > 1000 and (out / "rounds.png").exists()
