@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import openai
 from tqdm import tqdm
 
 from shared.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
@@ -123,12 +124,16 @@ async def _fetch_all(
         body = {k: v for k, v in req.items() if k not in ("endpoint", "request_key")}
         async with sem:
             t0 = time.perf_counter()
-            if req["endpoint"] == "completions":
-                resp = await client.completions.create(**body)
-                text = resp.choices[0].text
-            else:
-                resp = await client.chat.completions.create(**body)
-                text = resp.choices[0].message.content or ""
+            try:
+                if req["endpoint"] == "completions":
+                    resp = await client.completions.create(**body)
+                    text = resp.choices[0].text
+                else:
+                    resp = await client.chat.completions.create(**body)
+                    text = resp.choices[0].message.content or ""
+            except openai.BadRequestError as e:  # not retryable: the request itself is wrong for this server
+                raise EvalError(f"the server rejected prompt {item['key']!r}: {e.message}. Lower --max-tokens, "
+                                f"or serve with a longer --max-model-len.") from None
             latency = time.perf_counter() - t0
         usage = resp.usage
         cache.add({

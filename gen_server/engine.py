@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20  # same cap as OpenAI's completions API
 
-# "auto" is float32 on CPU: bfloat16 matmuls are slower than float32 on most CPUs and less exact.
-_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# "auto" is float32 on CPU: 16-bit matmuls are slower than float32 on most CPUs and less exact.
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ContextLengthError(ValueError):
@@ -64,6 +64,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must fit in a signed 64-bit integer, got {self.seed}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and not 0 <= k <= MAX_LOGPROBS:
@@ -113,13 +115,13 @@ class Engine:
         seed: int = 0,
         batch_wait_s: float = 0.005,
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=_DTYPES[dtype]).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=DTYPES[dtype]).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if max_model_len is not None and limit is not None and max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
@@ -171,6 +173,7 @@ class Engine:
         return ids
 
     def count_tokens(self, text: str) -> int:
+        """Number of tokens `text` takes as a completion prompt."""
         return len(self.tokenizer(text)["input_ids"])
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -222,12 +225,13 @@ class Engine:
         return {**self._stats, "queued": self._queue.qsize()}
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Stop the worker after the batch in progress; sequences still queued fail with RuntimeError."""
+        """Stop accepting sequences, let the worker finish those already queued, then stop it."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
         self._worker.join(timeout)
+        self._fail_queued()  # a submit racing with close() may have queued behind the stop marker
 
     # ---- worker -----------------------------------------------------------------------------------
 
@@ -252,11 +256,15 @@ class Engine:
             batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
             if batch:
                 self._run(batch)
-        while True:  # fail what is left so no caller waits forever
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Fail whatever is still queued so no caller waits forever."""
+        while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return
             if item is not None and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(RuntimeError("the engine was closed before this request ran"))
 
@@ -312,8 +320,9 @@ class Engine:
         token_logprobs: list[list[TokenLogprob]] = [[] for _ in batch]
         texts = [""] * rows
         finish: list[str | None] = ["length" if p.params.max_tokens == 0 else None for p in batch]
+        want_logprobs = any(p.params.logprobs is not None for p in batch)
         for _ in range(max(p.params.max_tokens for p in batch)):
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
             next_ids = torch.full((rows, 1), self._pad_id, dtype=torch.long)
             for i, pending in enumerate(batch):
                 if finish[i] is not None:
