@@ -24,5 +24,5 @@ def setup_logging(level: str | int | None = None) -> None:
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # Chatty libraries stay at WARNING unless asked.
-    for noisy in ("httpx", "httpcore", "openai", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
