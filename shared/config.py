@@ -106,6 +106,141 @@ class EvalConfig(Section):
     target: float = Field(0.95, ge=0.0, le=1.0, description="The plan's success rate: stop when reached.")
 
 
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfig(Section):
+    """DPO LoRA training of one round (``python -m trainer.dpo``); every path defaults into the run dir."""
+
+    round: int = Field(0, ge=0, description="Round k: pairs from round-k/pairs, adapter to round-k/adapter.")
+    backend: Literal["auto", "unsloth", "peft"] = Field(
+        "auto", description="auto: unsloth when CUDA and unsloth are present, else peft (transformers + PEFT)."
+    )
+    base_model: str | None = Field(
+        None, description="16-bit model dir (or packaged name) to train; default: model.base in round 0, "
+        "else round-(k-1)/merged."
+    )
+    pairs_dir: Path | None = Field(None, description="Dir of parquet pair shards; default round-k/pairs.")
+    output_dir: Path | None = Field(None, description="Final adapter dir; default round-k/adapter (checkpoints, "
+                                    "logs and plots go to its sibling train/).")
+    load_in_4bit: bool = Field(True, description="GPU only: 4-bit base (QLoRA): ~1/4 of the weight memory, "
+                               "a small quality cost. Ignored on CPU (float32).")
+    lora_r: int = Field(64, ge=1, description="LoRA rank: higher = more capacity, more memory and optimizer state.")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA scale numerator; default = lora_r (scale 1). "
+                                   "The original plan's 16 with r=64 scales updates by 0.25.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="0 lets Unsloth use its fast path; >0 regularizes.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(SEVEN_PROJECTIONS),
+        description="Modules that get LoRA; all seven projections learn best, fewer save memory.",
+    )
+    beta: float = Field(0.1, gt=0.0, description="DPO beta: higher keeps the policy closer to the reference.")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss (sigmoid, ipo, hinge, robust, apo_zero, ...).")
+    learning_rate: float = Field(5e-6, gt=0.0, description="Higher learns faster but can collapse rewards.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name (linear, cosine, constant).")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps spent warming up the LR.")
+    per_device_train_batch_size: int | Literal["auto"] = Field(
+        2, description="Pairs per forward; 'auto' = largest of 1/2/4/8 the planner fits (peft on CPU: 1). "
+        "Higher = faster, more memory."
+    )
+    gradient_accumulation_steps: int = Field(4, ge=1, description="Effective batch = batch x this; no memory cost.")
+    num_train_epochs: float = Field(1.0, gt=0.0, description="Passes over the pairs; >1 risks overfitting.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    max_length: int = Field(2048, ge=8, description="Prompt+response tokens; longer rows are cut (more memory "
+                            "if higher).")
+    max_prompt_length: int = Field(1536, ge=1, description="Data check: prompts longer than this are reported "
+                                   "(they leave little room for the response).")
+    max_truncated_fraction: float = Field(0.05, ge=0.0, le=1.0, description="Data check fails when more rows than "
+                                          "this would lose response tokens to max_length.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations: ~30% slower, far less memory.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="Score the reference once before training (TRL); used automatically when the pairs carry "
+        "ref_chosen_logps/ref_rejected_logps."
+    )
+    ref_check_rows: int = Field(4, ge=0, description="Rows on which supplied reference log-probs are recomputed.")
+    ref_check_tolerance: float = Field(0.05, gt=0.0, description="Max mean |difference| per response token (nats) "
+                                       "between supplied and recomputed reference log-probs.")
+    seed: int = Field(3407, description="Seeds LoRA init, data order and dropout.")
+    logging_steps: int = Field(1, ge=1, description="Log every N steps (also how often NaN/inf loss is checked).")
+    save_steps: int = Field(50, ge=1, description="Adapter checkpoint every N steps: lower loses less on a crash.")
+    save_total_limit: int | None = Field(3, ge=1, description="Checkpoints kept on disk (oldest deleted).")
+    eval_split: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out share of pairs for eval/early stopping; "
+                              "0 disables both.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; default = save_steps.")
+    early_stopping_metric: Literal["rewards/accuracies", "rewards/margins"] = Field(
+        "rewards/accuracies", description="Eval metric that must keep improving."
+    )
+    early_stopping_patience: int | None = Field(3, ge=1, description="Evals without improvement before stopping; "
+                                                "null disables.")
+    optim: str = Field("adamw_torch", description="transformers optimizer; adamw_8bit saves GPU memory.")
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="tensorboard, wandb, ... "
+                                 "([] for none).")
+
+
+class MergeConfig(Section):
+    """Merge the round's adapter into the ORIGINAL 16-bit base (``python -m trainer.merge``); uses train.round."""
+
+    base_model: str | None = Field(None, description="16-bit base dir; default: the base train used.")
+    adapter_dir: Path | None = Field(None, description="Adapter to merge; default round-k/adapter.")
+    output_dir: Path | None = Field(None, description="Merged model dir; default round-k/merged.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Saved weight dtype; auto = the base's own dtype."
+    )
+    probe_prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Write a short poem about the sea.",
+            "List three colors. Answer in all lowercase letters.",
+            "Explain what a prime number is in one sentence.",
+        ],
+        description="Instructions (rendered with the template) on which merged and adapter models must agree.",
+    )
+    max_kl: float = Field(1e-3, gt=0.0, description="Fail when the mean next-token KL(adapter||merged) exceeds this.")
+    min_top1: float = Field(0.99, ge=0.0, le=1.0, description="Fail when top-1 agreement is below this.")
+
+
+class PairsConfig(Section):
+    """Preference-pair building (``python -m pair_builder``); cross-field checks live in pair_builder.settings."""
+
+    round: int = Field(0, ge=0, description="Round k: pairs go to round-k/pairs; the served model is model_k.")
+    servers: list[str] = Field(default_factory=list, description="gen_server URLs to balance over; [] = server.base_url.")
+    api_key: str | None = Field(None, description="Key of those servers; default server.api_key, env GEN_SERVER_API_KEY.")
+    model: str | None = Field(None, description="Served model name sent as `model`; default: the first one /v1/models lists.")
+    model_revision: str | None = Field(None, description="Identifies the weights in pair ids; default: the served model's root dir.")
+    constitution: Path | None = Field(None, description="Principle dir; default constitution/principles.")
+    sources: list[Literal["seed", "self_instruct", "file"]] = Field(
+        default_factory=lambda: ["seed"], description="Where instructions come from (any mix).")
+    seed_tasks: Path | None = Field(None, description="Seed task JSONL; default constitution/seed_tasks.jsonl (train split only).")
+    seed_variants: int = Field(2, ge=1, description="Constraint draws per seed task: more pairs per task, less diversity.")
+    max_constraints: int = Field(3, ge=1, le=3, description="Verifiable constraints per generated instruction (1..this).")
+    self_instruct_tasks: int = Field(0, ge=0, description="New tasks the served model writes (before dedupe).")
+    self_instruct_shots: int = Field(8, ge=1, description="Seed tasks shown per self-instruct request.")
+    input_file: Path | None = Field(None, description="User JSONL/parquet: `instruction` (verbatim) or `task`, optional `constraints`.")
+    dedupe_threshold: float = Field(0.7, gt=0.0, le=1.0, description="MinHash Jaccard above which tasks are near-duplicates.")
+    max_instructions: int | None = Field(None, ge=1, description="Use only the first N instructions (after dedupe).")
+    max_pairs: int | None = Field(None, ge=1, description="Stop once this many pairs are kept (counting earlier runs).")
+    k: int = Field(2, ge=1, description="Responses sampled per instruction (one request, n=k); more = better pairs, more tokens.")
+    revisions: int = Field(1, ge=0, description="Critique-rewrite passes R; 0 = pairs from samples only.")
+    max_tokens: int = Field(256, ge=1, description="Tokens per response or rewrite; too low truncates (dropped).")
+    critique_max_tokens: int = Field(160, ge=1, description="Tokens per critique.")
+    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature of responses; diversity among the k samples.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    critique_temperature: float = Field(0.3, ge=0.0, description="Critique and rewrite temperature; low = focused edits.")
+    seed: int = Field(0, description="Seeds constraint draws, principle choice and request seeds.")
+    no_constraint_rule: Literal["drop", "critique", "prefer_rewrite"] = Field(
+        "critique", description="Instructions without constraints: drop them, keep rewrite>original when the critique "
+        "said NEEDS REVISION, or always prefer the rewrite.")
+    min_chars: int = Field(1, ge=1, description="Chosen and rejected must be at least this long.")
+    max_chars: int = Field(8000, ge=1, description="... and at most this long.")
+    max_length_ratio: float = Field(3.0, ge=1.0, description="Longer/shorter of chosen and rejected; guards length hacking.")
+    min_edit_distance: float = Field(0.02, ge=0.0, le=1.0, description="Normalized Levenshtein; below = no signal.")
+    max_edit_distance: float = Field(1.0, ge=0.0, le=1.0, description="Above = unrelated responses, not a contrast.")
+    ref_logprobs: bool = Field(True, description="Score ref_chosen_logps/ref_rejected_logps on the server (1 request per pair).")
+    in_flight_per_server: int = Field(8, ge=1, description="Items in flight per server (each sends its requests in turn).")
+    actor_max_restarts: int = Field(3, ge=0, description="Restarts of a lost actor; its unfinished items are retried.")
+    shard_size: int = Field(256, ge=1, description="Pairs per parquet shard; smaller loses less on a crash.")
+    ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local in-process Ray.")
+    progress: bool = Field(True, description="Live progress bar (pairs/s, tokens/s, acceptance, ETA, cost).")
+
+
 class Config(Section):
     """The whole pipeline's config. Later stages add their own sections here."""
 
@@ -115,6 +250,9 @@ class Config(Section):
     client: ClientConfig = Field(default_factory=ClientConfig)
     cost: CostConfig = Field(default_factory=CostConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
 
 
 C = TypeVar("C", bound=BaseModel)
