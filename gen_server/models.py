@@ -23,7 +23,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -161,10 +160,11 @@ def _convert(gguf: Path, out_dir: Path, spec: PackagedModel) -> None:
 
     log.info("[2/4] loading tokenizer from the GGUF")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    eos_id = tok.convert_tokens_to_ids(spec.eos_token)
-    pad_id = tok.convert_tokens_to_ids(spec.pad_token)
-    if eos_id is None or eos_id == tok.unk_token_id and spec.eos_token != tok.unk_token:
-        raise ModelPrepareError(f"{spec.eos_token!r} is not in the GGUF's vocabulary; cannot fix eos")
+    vocab = tok.get_vocab()
+    missing = [t for t in (spec.eos_token, spec.pad_token) if t not in vocab]
+    if missing:
+        raise ModelPrepareError(f"{missing} not in the GGUF's vocabulary; cannot set eos/pad for {spec.name}")
+    eos_id, pad_id = vocab[spec.eos_token], vocab[spec.pad_token]
     tok.eos_token = spec.eos_token
     tok.pad_token = spec.pad_token
 
@@ -198,7 +198,7 @@ def _sanity_check(model_dir: Path, spec: PackagedModel) -> str:
     inputs = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+    new_tokens = out[0, inputs["input_ids"].shape[1] :]
     if len(new_tokens) == 0:
         raise ModelPrepareError(f"Converted model in {model_dir} generated no tokens; the conversion is broken")
     return tok.decode(new_tokens, skip_special_tokens=True)
@@ -228,6 +228,7 @@ def prepare(name: str = "smollm2-135m", cache_dir: str | os.PathLike[str] | None
         log.info("[1/4] verifying sha256 of %s", gguf)
         verify_checksum(gguf, spec.sha256)
         with atomic_dir(out_dir) as tmp:
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model cache is meant to be read by others
             _convert(gguf, tmp, spec)
             log.info("[4/4] sanity check: loading the saved dir and generating a few tokens")
             sample = _sanity_check(tmp, spec)
@@ -277,4 +278,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from shared.client import ServerUnavailable, wait_for_health
 
@@ -64,6 +65,37 @@ class ServerProcess:
         self.health_timeout = health_timeout
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def from_config(cls, server: Any, model: str | os.PathLike[str], **kwargs: Any) -> ServerProcess:
+        """A server for ``model`` with the options of a ``ServerConfig`` (shared/config.py).
+
+        Only the options of the backend that will run are passed (gen_server rejects the other's);
+        ``auto`` is resolved here the way ``python -m gen_server`` would.
+        """
+        backend = server.backend
+        if backend == "auto":
+            from gen_server.__main__ import choose_backend
+
+            backend, why = choose_backend()
+            log.info("server backend: %s (%s)", backend, why)
+        args = ["--dtype", server.dtype, "--seed", str(server.seed)]
+        if server.max_model_len:
+            args += ["--max-model-len", str(server.max_model_len)]
+        if backend == "embedded":
+            args += ["--max-batch-size", str(server.max_batch_size)]
+        else:
+            args += ["--quantization", server.quantization,
+                     "--gpu-memory-utilization", str(server.gpu_memory_utilization),
+                     "--tensor-parallel-size", str(server.tensor_parallel_size),
+                     "--data-parallel-size", str(server.data_parallel_size),
+                     "--enable-prefix-caching" if server.enable_prefix_caching else "--no-enable-prefix-caching",
+                     "--health-timeout", str(server.health_timeout_s)]
+            if server.extra_args:
+                args += ["--", *server.extra_args]
+        kwargs.setdefault("health_timeout", server.health_timeout_s)
+        return cls(model, backend=backend, host=server.host, api_key=server.api_key,
+                   served_model_name=server.served_model_name, extra_args=args, **kwargs)
 
     @property
     def base_url(self) -> str:

@@ -1,0 +1,256 @@
+"""Serve a model dir behind an OpenAI-compatible API (``/v1/completions``, ``/v1/chat/completions``,
+``/v1/models``, ``/health``). Blocks until stopped (SIGTERM / Ctrl-C).
+
+    python -m gen_server --model DIR_OR_PACKAGED_NAME [--backend embedded|vllm] [--host 127.0.0.1]
+        [--port 8000] [--api-key K] [--served-model-name N] [--dtype auto] [--max-model-len N] [--seed 0]
+        embedded only: [--max-batch-size 16]
+        vllm only:     [--quantization fp8|none] [--gpu-memory-utilization 0.9] [--tensor-parallel-size 1]
+                       [--data-parallel-size 1] [--enable-prefix-caching | --no-enable-prefix-caching]
+                       [--health-timeout 900] [--log-file PATH] [-- ARGS PASSED TO VLLM VERBATIM]
+
+Examples:
+
+    python -m gen_server --model smollm2-135m                       # packaged demo model, CPU
+    GEN_SERVER_API_KEY=secret python -m gen_server --model /models/qwen2.5-32b --backend vllm \\
+        --quantization fp8 --max-model-len 8192 -- --max-num-seqs 256
+
+The default backend is vllm when a CUDA GPU is visible and vllm is installed, else embedded (CPU).
+The API key is read from ``$GEN_SERVER_API_KEY`` when ``--api-key`` is not given; prefer the
+variable, since command lines are visible to other users of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gen_server.models import KNOWN_MODELS, ModelPrepareError, UnknownModelError, resolve_model
+from shared.log import setup_logging
+
+log = logging.getLogger("gen_server")
+
+DTYPES = ["auto", "bfloat16", "float16", "float32"]
+# Options that only one backend understands; given for the other backend they are an error, not ignored.
+VLLM_ONLY = (
+    "quantization",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "data_parallel_size",
+    "enable_prefix_caching",
+    "health_timeout",
+    "log_file",
+)
+EMBEDDED_ONLY = ("max_batch_size",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m gen_server",
+        description=__doc__.split("\n\n")[0],
+        epilog="Arguments after `--` are passed to vLLM verbatim (vllm backend only).",
+    )
+    ap.add_argument(
+        "--model",
+        required=True,
+        help=f"model directory (with config.json) or a packaged model name: {', '.join(KNOWN_MODELS)}",
+    )
+    ap.add_argument(
+        "--backend",
+        choices=["embedded", "vllm"],
+        default=None,
+        help="default: vllm if a CUDA GPU is visible and vllm is installed, else embedded",
+    )
+    ap.add_argument("--host", default="127.0.0.1", help="bind address; keep loopback unless you need remote clients")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument(
+        "--api-key",
+        default=os.environ.get("GEN_SERVER_API_KEY"),
+        help="require this bearer key on /v1 (default: $GEN_SERVER_API_KEY; none if unset)",
+    )
+    ap.add_argument(
+        "--served-model-name", default=None, help="model id in the API (default: the packaged name, or the model path)"
+    )
+    ap.add_argument("--dtype", choices=DTYPES, default="auto")
+    ap.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    emb = ap.add_argument_group("embedded backend (CPU)")
+    emb.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="requests decoded together (default 16); higher is more throughput and memory",
+    )
+
+    vl = ap.add_argument_group("vllm backend (GPU)")
+    vl.add_argument(
+        "--quantization",
+        choices=["fp8", "none"],
+        default=None,
+        help="fp8: on-the-fly fp8 weights, ~1.24x bf16 throughput on H100 (default: none)",
+    )
+    vl.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="share of GPU memory vLLM may take; higher is a bigger KV cache (default 0.9)",
+    )
+    vl.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs per model replica (default 1)")
+    vl.add_argument("--data-parallel-size", type=int, default=None, help="model replicas (default 1)")
+    vl.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse KV cache across prompts sharing a prefix, e.g. the few-shot template (default: vLLM's)",
+    )
+    vl.add_argument(
+        "--health-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for /health after start (default 900; large models compile first)",
+    )
+    vl.add_argument(
+        "--log-file",
+        default=None,
+        help="where vLLM's output is also written (default: $TMPDIR/gen_server-vllm-PORT.log)",
+    )
+    return ap
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
+
+
+def _vllm_only_given(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
+    return _given(args, VLLM_ONLY) + (["arguments after --"] if passthrough else [])
+
+
+def _validate(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
+    """Every problem with the arguments at once, before any heavy import or model loading."""
+    problems = []
+    if not 1 <= args.port <= 65535:
+        problems.append(f"--port must be in 1..65535, got {args.port}")
+    if not args.host:
+        problems.append("--host must not be empty")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        problems.append(f"--max-model-len must be positive, got {args.max_model_len}")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        problems.append(f"--max-batch-size must be positive, got {args.max_batch_size}")
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+        problems.append(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    for name in ("tensor_parallel_size", "data_parallel_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.health_timeout is not None and args.health_timeout <= 0:
+        problems.append(f"--health-timeout must be positive, got {args.health_timeout}")
+    if args.backend == "embedded":
+        wrong = _vllm_only_given(args, passthrough)
+        if wrong:
+            problems.append(f"{', '.join(wrong)} only apply to --backend vllm")
+    if args.backend == "vllm" and (wrong := _given(args, EMBEDDED_ONLY)):
+        problems.append(f"{', '.join(wrong)} only apply to --backend embedded")
+    return problems
+
+
+def choose_backend() -> tuple[str, str]:
+    """(backend, why) when --backend is not given."""
+    if importlib.util.find_spec("vllm") is None:
+        return "embedded", "vllm is not installed"
+    if importlib.util.find_spec("torch") is None:
+        return "embedded", "torch is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "embedded", "no CUDA GPU is visible"
+    return "vllm", "a CUDA GPU is visible and vllm is installed"
+
+
+def _model_dir(model: str) -> Path:
+    """Resolve --model to a dir with config.json; UnknownModelError says what to pass instead."""
+    model_dir = resolve_model(model)
+    if not (model_dir / "config.json").is_file():
+        raise UnknownModelError(
+            f"{model_dir} has no config.json; pass a Hugging Face model directory "
+            f"(what save_pretrained writes) or a packaged model name: {', '.join(KNOWN_MODELS)}"
+        )
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first bare `--` belongs to vLLM, even flags we also define.
+    passthrough: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1 :]
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    setup_logging(args.log_level)
+
+    problems = _validate(args, passthrough)
+    if problems:
+        ap.error("\n  ".join(["invalid arguments:", *problems]))
+
+    try:
+        model_dir = _model_dir(args.model)
+    except UnknownModelError as e:
+        log.error("%s", e)
+        return 2
+    except ModelPrepareError as e:
+        log.error("could not prepare packaged model %s: %s", args.model, e)
+        return 1
+    served_name = args.served_model_name or (args.model if args.model in KNOWN_MODELS else None)
+
+    backend = args.backend
+    if backend is None:
+        backend, why = choose_backend()
+        log.info("backend: %s (%s; pass --backend to choose)", backend, why)
+        if backend == "embedded" and (wrong := _vllm_only_given(args, passthrough)):
+            log.error("%s need the vllm backend, but %s was chosen", ", ".join(wrong), backend)
+            return 2
+
+    if backend == "vllm":
+        from gen_server.vllm_backend import VllmOptions, run_vllm
+
+        opts = VllmOptions(
+            model=str(model_dir),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            served_model_name=served_name,
+            dtype=args.dtype,
+            quantization=args.quantization or "none",
+            max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization or 0.9,
+            seed=args.seed,
+            tensor_parallel_size=args.tensor_parallel_size or 1,
+            data_parallel_size=args.data_parallel_size or 1,
+            enable_prefix_caching=args.enable_prefix_caching,
+            extra_args=passthrough,
+        )
+        return run_vllm(opts, health_timeout=args.health_timeout or 900.0, log_path=args.log_file)
+
+    from gen_server.embedded import serve  # torch + transformers: import only when serving on CPU
+
+    serve(
+        model_dir,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=served_name,
+        max_batch_size=args.max_batch_size or 16,
+        max_model_len=args.max_model_len,
+        dtype=args.dtype,
+        seed=args.seed,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
