@@ -179,7 +179,7 @@ def create_app(engine: Engine, *, api_key: str | None, served_model_name: str) -
         return {"status": "ok"}
 
     @app.get("/stats")
-    async def stats() -> dict[str, int]:
+    async def stats() -> dict[str, float]:
         return engine.stats()
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])

@@ -138,7 +138,7 @@ class Engine:
         # Seeds for requests without one: reproducible per server seed, distinct per request.
         self._seed_rng = torch.Generator().manual_seed(seed)
         self._seed_lock = threading.Lock()
-        self._stats = {"batches_run": 0, "sequences_run": 0, "max_batch_seen": 0}
+        self._stats: dict[str, float] = {"batches_run": 0, "sequences_run": 0, "max_batch_seen": 0, "busy_s": 0.0}
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="gen-engine", daemon=True)
@@ -220,8 +220,10 @@ class Engine:
         ]
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
-    def stats(self) -> dict[str, int]:
-        """Counters for monitoring and tests: batches run, sequences run, the largest batch, queue depth."""
+    def stats(self) -> dict[str, float]:
+        """Counters for monitoring, tests and benchmarks: batches and sequences run, the largest batch, seconds
+        the worker spent generating (``busy_s``: wall time minus this is time the server waited for clients),
+        queue depth."""
         return {**self._stats, "queued": self._queue.qsize()}
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -269,9 +271,11 @@ class Engine:
                 item.future.set_exception(RuntimeError("the engine was closed before this request ran"))
 
     def _run(self, batch: list[_Pending]) -> None:
+        t0 = time.perf_counter()
         try:
             results = self._generate(batch)
         except Exception as exc:
+            self._stats["busy_s"] += time.perf_counter() - t0
             if len(batch) == 1:
                 logger.exception("generation failed for a sequence of %d prompt tokens", len(batch[0].prompt_ids))
                 batch[0].future.set_exception(exc)
@@ -281,6 +285,7 @@ class Engine:
             for pending in batch:
                 self._run([pending])
             return
+        self._stats["busy_s"] += time.perf_counter() - t0
         for pending, result in zip(batch, results):
             pending.future.set_result(result)
 
