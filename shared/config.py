@@ -205,6 +205,7 @@ class PairsConfig(Section):
     api_key: str | None = Field(None, description="Key of those servers; default server.api_key, env GEN_SERVER_API_KEY.")
     model: str | None = Field(None, description="Served model name sent as `model`; default: the first one /v1/models lists.")
     model_revision: str | None = Field(None, description="Identifies the weights in pair ids; default: the served model's root dir.")
+    health_timeout_s: float = Field(30.0, gt=0, description="Wait this long for each server's /health before failing.")
     constitution: Path | None = Field(None, description="Principle dir; default constitution/principles.")
     sources: list[Literal["seed", "self_instruct", "file"]] = Field(
         default_factory=lambda: ["seed"], description="Where instructions come from (any mix).")
@@ -214,7 +215,7 @@ class PairsConfig(Section):
     self_instruct_tasks: int = Field(0, ge=0, description="New tasks the served model writes (before dedupe).")
     self_instruct_shots: int = Field(8, ge=1, description="Seed tasks shown per self-instruct request.")
     input_file: Path | None = Field(None, description="User JSONL/parquet: `instruction` (verbatim) or `task`, optional `constraints`.")
-    dedupe_threshold: float = Field(0.7, gt=0.0, le=1.0, description="MinHash Jaccard above which tasks are near-duplicates.")
+    dedupe_threshold: float = Field(0.8, gt=0.0, le=1.0, description="MinHash Jaccard above which tasks are near-duplicates.")
     max_instructions: int | None = Field(None, ge=1, description="Use only the first N instructions (after dedupe).")
     max_pairs: int | None = Field(None, ge=1, description="Stop once this many pairs are kept (counting earlier runs).")
     k: int = Field(2, ge=1, description="Responses sampled per instruction (one request, n=k); more = better pairs, more tokens.")
@@ -237,8 +238,24 @@ class PairsConfig(Section):
     in_flight_per_server: int = Field(8, ge=1, description="Items in flight per server (each sends its requests in turn).")
     actor_max_restarts: int = Field(3, ge=0, description="Restarts of a lost actor; its unfinished items are retried.")
     shard_size: int = Field(256, ge=1, description="Pairs per parquet shard; smaller loses less on a crash.")
-    ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local in-process Ray.")
+    ray_address: str | None = Field(None, description="Ray address; None = Ray's default (RAY_ADDRESS, else a running "
+                                    "local cluster, else a new one); 'local' = always a new in-process Ray.")
     progress: bool = Field(True, description="Live progress bar (pairs/s, tokens/s, acceptance, ETA, cost).")
+
+
+class PipelineConfig(Section):
+    """The round loop (``python -m pipeline run``); stopping rules beyond eval.target and cost.budget_usd."""
+
+    rounds: int = Field(3, ge=1, description="Max DPO rounds; each costs a pair build, a training run and an eval.")
+    min_gain: float = Field(0.01, ge=0.0, description="Plateau: stop when the gate metric gained less than this "
+                            "over the previous round.")
+    rollback_on_regression: bool = Field(True, description="A round significantly worse than the one before "
+                                         "(eval's 95% bootstrap interval below 0) is not promoted; the run stops.")
+    pairs_runner: Literal["inprocess", "ray_job"] = Field(
+        "inprocess", description="inprocess: pair_builder as a child process with its own local Ray (the CPU "
+        "demo); ray_job: `ray job submit` to pairs.ray_address / RAY_ADDRESS."
+    )
+    server_log_dir: Path | None = Field(None, description="Where gen_server logs go; default the run dir.")
 
 
 class Config(Section):
@@ -253,6 +270,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -1,0 +1,106 @@
+"""Ray actors (thin wrappers of the plain functions) and the driver loop that feeds them.
+
+One :class:`PairWorker` per generation server. Each is a threaded actor with ``max_concurrency =
+pairs.in_flight_per_server``: that many items run at once, each sending its requests in turn, so a
+server never has more than that many requests from us in flight. The driver hands the next item to the
+least-loaded worker, so faster servers get more work. Workers hold no state worth saving: with
+``max_restarts`` / ``max_task_retries`` Ray restarts a lost worker and reruns its unfinished items, and
+the driver (the only writer) drops a result whose id is already done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+
+from pair_builder.build import BuildSettings, build_item
+from pair_builder.constitution import Constitution
+from pair_builder.sample import Usage
+from pair_builder.sources import Instruction, request_tasks
+from shared.client import make_client
+from shared.prompting import BaseTemplate
+
+log = logging.getLogger(__name__)
+
+
+class PairWorker:
+    """Builds pairs against one server; every method is a plain function call with this server's client."""
+
+    def __init__(self, base_url: str, api_key: str | None, *, timeout: float, max_retries: int,
+                 settings: BuildSettings, template: BaseTemplate, constitution: Constitution) -> None:
+        self.base_url = base_url
+        # The openai client retries connection errors, 429 and 5xx with exponential backoff and jitter.
+        self.client = make_client(base_url, api_key, timeout=timeout, max_retries=max_retries)
+        self.settings, self.template, self.constitution = settings, template, constitution
+
+    def build(self, instruction: dict[str, Any], principle_id: str) -> dict[str, Any]:
+        result = build_item(self.client, Instruction.from_json(instruction), self.constitution.get(principle_id),
+                            settings=self.settings, template=self.template)
+        result["server"] = self.base_url
+        return result
+
+    def write_tasks(self, examples: list[str], n: int, seed: int, max_tokens: int) -> dict[str, Any]:
+        usage = Usage()
+        tasks = request_tasks(self.client, self.settings.model, examples, n=n, seed=seed, max_tokens=max_tokens,
+                              usage=usage)
+        return {"tasks": tasks, "usage": vars(usage)}
+
+
+def start_workers(urls: list[str], api_key: str | None, *, in_flight: int, max_restarts: int, timeout: float,
+                  max_retries: int, settings: BuildSettings, template: BaseTemplate,
+                  constitution: Constitution) -> list[Any]:
+    """One actor per server. num_cpus=0: they wait on HTTP, the servers do the compute."""
+    remote_cls = ray.remote(PairWorker)
+    return [
+        remote_cls.options(num_cpus=0, max_concurrency=in_flight, max_restarts=max_restarts,
+                           max_task_retries=max_restarts).remote(
+            url, api_key, timeout=timeout, max_retries=max_retries, settings=settings, template=template,
+            constitution=constitution)
+        for url in urls
+    ]
+
+
+@dataclass
+class Job:
+    method: str
+    args: tuple[Any, ...]
+    key: str  # names the work in errors and failed results
+
+
+def run_jobs(workers: list[Any], jobs: Iterable[Job], *, in_flight: int, on_result: Callable[[Job, Any], None],
+             should_stop: Callable[[], bool] = lambda: False) -> int:
+    """Run jobs over workers, at most ``in_flight`` per worker, least-loaded first; returns failures.
+
+    A job whose worker died past its restarts is reported to ``on_result`` as ``{"error": ...}``; its item
+    is not done, so the next submission redoes it.
+    """
+    queue = deque(jobs)
+    load = [0] * len(workers)
+    pending: dict[Any, tuple[int, Job]] = {}
+    failures = 0
+    while queue or pending:
+        while queue and not should_stop() and min(load) < in_flight:
+            w = min(range(len(workers)), key=load.__getitem__)
+            job = queue.popleft()
+            pending[getattr(workers[w], job.method).remote(*job.args)] = (w, job)
+            load[w] += 1
+        if not pending:
+            break
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for ref in ready:
+            w, job = pending.pop(ref)
+            load[w] -= 1
+            try:
+                result = ray.get(ref)
+            except RayError as e:
+                failures += 1
+                log.error("%s failed on worker %d after retries: %s", job.key, w, str(e).splitlines()[0])
+                result = {"id": job.key, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+            on_result(job, result)
+    return failures

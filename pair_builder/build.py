@@ -1,0 +1,139 @@
+"""One instruction -> one preference pair (or a counted reason why not): the plain function actors run.
+
+sample k -> critique the weakest sample against the item's principle (with checker feedback) -> rewrite,
+up to R passes (each pass critiques the previous rewrite; stops early once every constraint holds) ->
+score all candidates -> choose -> reference log-probs of the kept pair. Pure except for the client, so a
+fake client tests it end to end; the result is a JSON-able dict the driver writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from eval.constraints import describe
+from pair_builder.constitution import Constitution, Principle
+from pair_builder.critique import critique_and_revise
+from pair_builder.refscore import score_pair
+from pair_builder.sample import Candidate, SamplingSettings, Usage, request_seed, sample_responses
+from pair_builder.sources import Instruction
+from pair_builder.verify import Bands, NoConstraintRule, choose, score_candidates
+from shared.prompting import BaseTemplate
+from shared.records import PairRecord, content_hash, pair_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything an actor needs besides the client; identical on every actor of a run."""
+
+    model: str
+    model_revision: str
+    round: int
+    sampling: SamplingSettings
+    bands: Bands
+    no_constraint_rule: NoConstraintRule
+    ref_logprobs: bool
+
+    def id_settings(self, template: BaseTemplate) -> dict[str, Any]:
+        """The sampling settings hashed into pair ids (the template is part of what the model was asked)."""
+        return {**self.sampling.as_dict(), "template": template.sha256, "round": self.round}
+
+
+def principle_for(instruction: Instruction, constitution: Constitution, seed: int) -> Principle:
+    """The item's principle, drawn from a seed and the instruction's content (stable across runs)."""
+    return constitution.sample(content_hash(seed, instruction.text, [c.model_dump() for c in instruction.constraints]))
+
+
+def item_id(instruction: Instruction, principle_id: str, settings: BuildSettings, template: BaseTemplate) -> str:
+    """The pair id: content hash of instruction, constraints, principle, sampling settings, model revision."""
+    return pair_id(instruction.text, list(instruction.constraints), principle_id, settings.id_settings(template),
+                   settings.model_revision)
+
+
+def _weakest(cands: list[Candidate]) -> int | None:
+    """The sample to critique: fewest constraints met among usable samples (non-empty if none is usable)."""
+    pool = [i for i, c in enumerate(cands) if c.problem is None] or [i for i, c in enumerate(cands) if c.text]
+    return min(pool, key=lambda i: (cands[i].n_passed, i)) if pool else None
+
+
+def build_item(client: Any, instruction: Instruction, principle: Principle, *, settings: BuildSettings,
+               template: BaseTemplate) -> dict[str, Any]:
+    """Build the pair for one instruction; the result records the pair or the drop reason, and the cost."""
+    iid = item_id(instruction, principle.id, settings, template)
+    usage = Usage()
+    result: dict[str, Any] = {"id": iid, "instruction_id": instruction.id, "kept": False, "reason": None,
+                              "route": None, "n_constraints": len(instruction.constraints), "record": None,
+                              "error": None}
+    try:
+        _build(client, instruction, principle, iid, settings, template, usage, result)
+    except openai.BadRequestError as e:
+        # Deterministic (e.g. prompt + max_tokens over the context length): retrying cannot help, so it is a drop.
+        log.warning("item %s: server rejected a request: %s", iid, e)
+        result.update(kept=False, reason="bad_request", record=None, bad_request=str(e)[:300])
+    except (openai.APIError, ValueError) as e:
+        # Transient after the client's retries (connection, timeout, 5xx): not marked done, so a resubmitted
+        # job retries the item.
+        log.warning("item %s failed: %s", iid, e)
+        result.update(kept=False, reason="request_error", record=None, error=f"{type(e).__name__}: {e}")
+    result["usage"] = vars(usage)
+    return result
+
+
+def _build(client: Any, ins: Instruction, principle: Principle, iid: str, settings: BuildSettings,
+           template: BaseTemplate, usage: Usage, result: dict[str, Any]) -> None:
+    s = settings.sampling
+    cons = list(ins.constraints)
+    prompt = template.render(ins.text)
+    cands = sample_responses(client, settings.model, prompt, k=s.k, settings=s, seed=request_seed(iid, "sample"),
+                             stop=template.stop, usage=usage)
+    score_candidates(cands, ins.text, cons)
+    target = _weakest(cands)
+    for pass_no in range(1, s.revisions + 1):
+        if target is None:
+            break
+        t = cands[target]
+        rev = critique_and_revise(
+            client, settings.model, principle, ins.text, t.text,
+            failing=[describe(c) for c, ok in zip(cons, t.passed, strict=True) if not ok],
+            passing=[describe(c) for c, ok in zip(cons, t.passed, strict=True) if ok],
+            settings=s, seed=request_seed(iid, "revise", pass_no), usage=usage, extra_stop=template.stop,
+        )
+        new = Candidate(text=rev.text, route="rewrite", finish_reason=rev.finish_reason, parent=target,
+                        pass_no=pass_no, critique=rev.critique, verdict=rev.verdict)
+        score_candidates([new], ins.text, cons)
+        cands.append(new)
+        if new.problem is not None or (cons and all(new.passed)):
+            break  # nothing usable to critique further, or nothing left to fix
+        target = len(cands) - 1
+    decision = choose(cands, has_constraints=bool(cons), rule=settings.no_constraint_rule, bands=settings.bands)
+    samples = [c for c in cands if c.route == "sample"]
+    rewrites = [c for c in cands if c.route == "rewrite"]
+    result.update(
+        reason=decision.reason,
+        candidate_problems=dict(Counter(c.problem for c in cands if c.problem)),
+        n_samples=len(samples), n_rewrites=len(rewrites),
+        sample_passed=[c.n_passed for c in samples], rewrite_passed=[c.n_passed for c in rewrites],
+        verdicts=dict(Counter(str(c.verdict) for c in rewrites)),
+        edit_distance=decision.edit_distance,
+    )
+    if not decision.kept:
+        return
+    chosen, rejected = cands[decision.chosen], cands[decision.rejected]
+    record = PairRecord(
+        id=iid, prompt=prompt, chosen=chosen.text, rejected=rejected.text, instruction_id=ins.id,
+        constraints=json.dumps([c.model_dump() for c in cons], sort_keys=True), principle_id=principle.id,
+        chosen_passed=chosen.n_passed, rejected_passed=rejected.n_passed, model=settings.model, round=settings.round,
+    )
+    if settings.ref_logprobs:
+        lc, lr = score_pair(client, settings.model, prompt, chosen.text, rejected.text, usage=usage)
+        record.ref_chosen_logps, record.ref_rejected_logps = lc.logp, lr.logp
+        result["ref_straddled"] = int(lc.straddled) + int(lr.straddled)
+    result.update(kept=True, route=chosen.route, record=record.model_dump(), chosen_passed=chosen.n_passed,
+                  rejected_passed=rejected.n_passed, chosen_chars=len(chosen.text), rejected_chars=len(rejected.text))

@@ -1,0 +1,157 @@
+"""Stats, PNG histograms and the dataset card of a pairs dir, computed from the ``done`` log.
+
+The done log holds one entry per finished item across every run into the directory, so the numbers
+are exact after any number of resubmissions: kept + every drop reason = items done.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from shared.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _frac(passed: list[int], n: int) -> list[float]:
+    return [p / n for p in passed]
+
+
+def compute_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts, drop reasons, routes, pass rates, lengths and tokens over finished items."""
+    kept = [e for e in entries if e.get("kept")]
+    with_cons = [e for e in entries if e.get("n_constraints") and "sample_passed" in e]
+
+    def mean_frac(key: str, rows: list[dict[str, Any]]) -> float | None:
+        vals = [f for e in rows for f in _frac(e.get(key) or [], e["n_constraints"])]
+        return round(mean(vals), 4) if vals else None
+
+    kept_cons = [e for e in kept if e.get("n_constraints")]
+    usage = Counter()
+    for e in entries:
+        usage.update(e.get("usage") or {})
+    return {
+        "items_done": len(entries),
+        "kept": len(kept),
+        "acceptance_rate": round(len(kept) / len(entries), 4) if entries else 0.0,
+        "drop_reasons": dict(Counter(e["reason"] for e in entries if not e.get("kept")).most_common()),
+        "chosen_route": dict(Counter(e["route"] for e in kept)),
+        "candidate_problems": dict(sum((Counter(e.get("candidate_problems") or {}) for e in entries), Counter())),
+        "critique_verdicts": dict(sum((Counter(e.get("verdicts") or {}) for e in entries), Counter())),
+        "pass_rate": {
+            "samples": mean_frac("sample_passed", with_cons),
+            "rewrites": mean_frac("rewrite_passed", with_cons),
+            "chosen": round(mean(e["chosen_passed"] / e["n_constraints"] for e in kept_cons), 4) if kept_cons else None,
+            "rejected": round(mean(e["rejected_passed"] / e["n_constraints"] for e in kept_cons), 4) if kept_cons else None,
+        },
+        "chars": {
+            "chosen_mean": round(mean(e["chosen_chars"] for e in kept), 1) if kept else None,
+            "rejected_mean": round(mean(e["rejected_chars"] for e in kept), 1) if kept else None,
+        },
+        "ref_logprob_straddles": sum(e.get("ref_straddled", 0) for e in kept),
+        "usage": dict(usage),
+    }
+
+
+def _bar(ax: Any, counts: dict[str, float], title: str) -> None:
+    ax.bar(list(counts) or ["(none)"], list(counts.values()) or [0])
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+
+
+def write_plots(meta_dir: Path, entries: list[dict[str, Any]], stats: dict[str, Any],
+                task_word_lengths: list[int]) -> list[str]:
+    """lengths.png, pass_rates.png, drop_reasons.png, instruction_lengths.png; returns their names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = [e for e in entries if e.get("kept")]
+    figs: dict[str, Any] = {}
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([[e["chosen_chars"] for e in kept], [e["rejected_chars"] for e in kept]], bins=20,
+            label=["chosen", "rejected"])
+    ax.set_xlabel("characters"), ax.set_ylabel("pairs"), ax.legend(), ax.set_title("Response lengths")
+    figs["lengths.png"] = fig
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    _bar(ax, {k: v for k, v in stats["pass_rate"].items() if v is not None}, "Share of constraints satisfied")
+    ax.set_ylim(0, 1)
+    figs["pass_rates.png"] = fig
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    _bar(ax, {"kept": stats["kept"], **stats["drop_reasons"]}, "Items: kept and drop reasons")
+    figs["drop_reasons.png"] = fig
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(task_word_lengths or [0], bins=20)
+    ax.set_xlabel("task words"), ax.set_ylabel("instructions"), ax.set_title("Instruction lengths")
+    figs["instruction_lengths.png"] = fig
+    for name, fig in figs.items():
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        atomic_write_bytes(meta_dir / name, buf.getvalue())
+    return list(figs)
+
+
+def _table(counts: dict[str, Any]) -> str:
+    if not counts:
+        return "(none)\n"
+    return "| | count |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in counts.items())
+
+
+def write_card(pairs_dir: Path, info: dict[str, Any], stats: dict[str, Any], plots: list[str]) -> Path:
+    """The dataset card ``README.md``: what made the pairs and what came out."""
+    s = info["sampling"]
+    body = f"""---
+pretty_name: "{info['run']} round {info['round']} preference pairs"
+tags: [dpo, preference, constitutional-ai, instruction-following]
+---
+# Preference pairs: {info['run']}, round {info['round']}
+
+Built by `python -m pair_builder` from the BASE model's own samples, critiques and rewrites; scored by the
+eval's verifiable-instruction checkers. Load with `datasets.load_dataset("parquet", data_dir=<this dir>)`;
+columns `prompt`/`chosen`/`rejected` feed TRL's DPOTrainer directly{', with `ref_chosen_logps`/`ref_rejected_logps` (reference log-probs from the server)' if info['ref_logprobs'] else ''}.
+
+| | |
+|---|---|
+| model | `{info['model']}` (revision `{info['model_revision']}`) |
+| constitution | `{info['constitution']}` sha256 `{info['constitution_sha256'][:16]}` ({info['principles']} principles) |
+| prompt template | `{info['template_id']}` sha256 `{info['template_sha256'][:16]}` |
+| sampling | k={s['k']}, temperature={s['temperature']}, top_p={s['top_p']}, max_tokens={s['max_tokens']}, revisions R={s['revisions']}, critique temperature={s['critique_temperature']}, seed={s['seed']} |
+| no-constraint rule | {info['no_constraint_rule']} |
+| servers | {info['servers']} |
+| instructions | {info['instructions']} after dedupe ({info['sources']}) |
+| items done | {stats['items_done']} |
+| pairs kept | {stats['kept']} (acceptance {stats['acceptance_rate']:.1%}) |
+| tokens | prompt {stats['usage'].get('prompt_tokens', 0)}, completion {stats['usage'].get('completion_tokens', 0)}, requests {stats['usage'].get('requests', 0)} |
+| cost | ${info['cost_usd']:.4f} for pair building, all submissions (cost.gpu_usd_per_hour={info['usd_per_hour']}); ${info['cost_per_pair']:.5f} per kept pair |
+
+## Drop reasons
+{_table(stats['drop_reasons'])}
+## Which route produced the chosen response
+{_table(stats['chosen_route'])}
+## Candidates ruled out (scaffolding, truncation)
+{_table(stats['candidate_problems'])}
+## Share of constraints satisfied
+{_table({k: v for k, v in stats['pass_rate'].items()})}
+## Plots and files
+{''.join(f'![{p}](.meta/{p})' + chr(10) for p in plots)}
+`.meta/stats.json` (all numbers), `.meta/done.jsonl` (one line per finished item), `.meta/instructions.jsonl`,
+`.meta/diversity.json`, `.meta/manifest.json` (what this directory may hold).
+"""
+    return atomic_write_text(pairs_dir / "README.md", body)
+
+
+def write_report(pairs_dir: Path, meta_dir: Path, entries: list[dict[str, Any]], info: dict[str, Any],
+                 task_word_lengths: list[int]) -> dict[str, Any]:
+    stats = compute_stats(entries)
+    plots = write_plots(meta_dir, entries, stats, task_word_lengths)
+    atomic_write_json(meta_dir / "stats.json", {**stats, "run": info})
+    write_card(pairs_dir, info, stats, plots)
+    return stats
