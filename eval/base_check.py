@@ -67,7 +67,8 @@ def file_evidence(model_dir: str | os.PathLike[str]) -> list[Evidence]:
     names = [n for n in names if n]
     hits = sorted({m.group(1) for n in names if (m := _INSTRUCT_NAME.search(n))})
     if hits:
-        ev.append(Evidence("INSTRUCT", 2, f"name marker {hits} in {names}"))
+        # weight 3: the most reliable clue; a weak instruct model can fail the behavioural probes
+        ev.append(Evidence("INSTRUCT", 3, f"name marker {hits} in {names}"))
     elif any(_BASE_NAME.search(n) for n in names):
         ev.append(Evidence("BASE", 1, f"name says base/pretrained: {names}"))
 

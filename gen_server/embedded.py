@@ -79,6 +79,8 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM extension
+    # vLLM extension: logprob tokens as "token_id:<id>", so a client can tell tokens apart exactly
+    return_tokens_as_token_ids: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -228,7 +230,8 @@ def create_app(engine: Engine, *, api_key: str | None, served_model_name: str) -
             choice: dict[str, Any] = {
                 "index": index,
                 "text": prompt_text + result.text if req.echo else result.text,
-                "logprobs": None if req.logprobs is None else _completion_logprobs(engine, result, req.logprobs, req.echo),
+                "logprobs": None if req.logprobs is None else _completion_logprobs(
+                    engine, result, req.logprobs, req.echo, as_ids=req.return_tokens_as_token_ids),
                 "finish_reason": result.finish_reason,
             }
             if req.prompt_logprobs is not None:
@@ -296,8 +299,12 @@ def _encode(engine: Engine, prompt: str | list[int]) -> list[int]:
         raise APIError(400, str(exc), "prompt") from exc
 
 
-def _completion_logprobs(engine: Engine, result: Completion, k: int, echo: bool) -> dict[str, list]:
-    """OpenAI's completion logprobs; with echo the prompt tokens come first (the first one has None)."""
+def _completion_logprobs(engine: Engine, result: Completion, k: int, echo: bool, *,
+                         as_ids: bool = False) -> dict[str, list]:
+    """OpenAI's completion logprobs; with echo the prompt tokens come first (the first one has None).
+
+    ``as_ids``: tokens are ``token_id:<id>`` strings (vLLM's ``return_tokens_as_token_ids``); text offsets
+    still advance by each token's decoded text."""
     entries: list[TokenLogprob | None] = []
     token_ids: list[int] = []
     if echo:
@@ -307,18 +314,22 @@ def _completion_logprobs(engine: Engine, result: Completion, k: int, echo: bool)
     token_ids += result.token_ids
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     offset = 0
+    def name(t: int) -> str:
+        return f"token_id:{t}" if as_ids else engine.tokenizer.decode([t])
+
     for token_id, entry in zip(token_ids, entries):
-        token = engine.tokenizer.decode([token_id])
+        text = engine.tokenizer.decode([token_id])
+        token = name(token_id)
         tokens.append(token)
         text_offset.append(offset)
-        offset += len(token)
+        offset += len(text)
         if entry is None:
             token_logprobs.append(None)
             top_logprobs.append(None)
             continue
         token_logprobs.append(entry.logprob)
         # Like vLLM: the k most likely tokens plus the chosen one.
-        top = {engine.tokenizer.decode([t]): lp for t, lp in entry.top[:k]}
+        top = {name(t): lp for t, lp in entry.top[:k]}
         top.setdefault(token, entry.logprob)
         top_logprobs.append(top)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset}

@@ -33,7 +33,7 @@ from pair_builder.actors import Job, run_jobs, start_workers
 from pair_builder.build import BuildSettings, item_id, principle_for
 from pair_builder.report import write_report
 from pair_builder.sample import SamplingSettings
-from pair_builder.settings import check_config, connect
+from pair_builder.settings import check_config, connect, tokenizer_eos
 from pair_builder.sources import (
     Instruction,
     constrain_tasks,
@@ -60,7 +60,7 @@ SELF_INSTRUCT_N = 4  # completions per self-instruct request (one prompt, n samp
 SELF_INSTRUCT_MAX_TOKENS = 200  # ~5 task lines
 
 
-def build_settings(cfg: Config, model: str, revision: str) -> BuildSettings:
+def build_settings(cfg: Config, model: str, revision: str, eos_token: str | None = None) -> BuildSettings:
     p = cfg.pairs
     return BuildSettings(
         model=model, model_revision=revision, round=p.round,
@@ -69,7 +69,7 @@ def build_settings(cfg: Config, model: str, revision: str) -> BuildSettings:
                                   critique_temperature=p.critique_temperature, seed=p.seed),
         bands=Bands(min_chars=p.min_chars, max_chars=p.max_chars, max_length_ratio=p.max_length_ratio,
                     min_edit_distance=p.min_edit_distance, max_edit_distance=p.max_edit_distance),
-        no_constraint_rule=p.no_constraint_rule, ref_logprobs=p.ref_logprobs,
+        no_constraint_rule=p.no_constraint_rule, ref_logprobs=p.ref_logprobs, eos_token=eos_token,
     )
 
 
@@ -172,7 +172,11 @@ def run(cfg: Config) -> int:
     checked = check_config(cfg)
     served = connect(checked.servers, checked.api_key, model=p.model, revision=p.model_revision,
                      health_timeout=p.health_timeout_s, probe_logprobs=p.ref_logprobs)
-    settings = build_settings(cfg, served.name, served.revision)
+    eos = p.eos_token or tokenizer_eos(served.root)
+    if p.ref_logprobs and eos is None:
+        raise ConfigError([f"pairs.eos_token: the served model dir {served.root} is not readable here, so its eos "
+                           f"token is unknown; set pairs.eos_token (e.g. '<|endoftext|>') or pairs.ref_logprobs=false"])
+    settings = build_settings(cfg, served.name, served.revision, eos)
     rd = RunDir.from_config(cfg).round(p.round)
     manifest = {"model": served.name, "model_revision": served.revision,
                 "constitution_sha256": checked.constitution.sha256, "template_sha256": checked.template.sha256,

@@ -40,6 +40,7 @@ class BuildSettings:
     bands: Bands
     no_constraint_rule: NoConstraintRule
     ref_logprobs: bool
+    eos_token: str | None = None  # appended to responses when scoring reference log-probs (as TRL does)
 
     def id_settings(self, template: BaseTemplate) -> dict[str, Any]:
         """The sampling settings hashed into pair ids (the template is part of what the model was asked)."""
@@ -132,7 +133,8 @@ def _build(client: Any, ins: Instruction, principle: Principle, iid: str, settin
         chosen_passed=chosen.n_passed, rejected_passed=rejected.n_passed, model=settings.model, round=settings.round,
     )
     if settings.ref_logprobs:
-        lc, lr = score_pair(client, settings.model, prompt, chosen.text, rejected.text, usage=usage)
+        lc, lr = score_pair(client, settings.model, prompt, chosen.text, rejected.text, usage=usage,
+                            eos=settings.eos_token or "")
         record.ref_chosen_logps, record.ref_rejected_logps = lc.logp, lr.logp
         result["ref_straddled"] = int(lc.straddled) + int(lr.straddled)
     result.update(kept=True, route=chosen.route, record=record.model_dump(), chosen_passed=chosen.n_passed,

@@ -8,9 +8,12 @@ log-probs) so an unreachable or mismatched server fails in seconds with a messag
 
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 from pair_builder.constitution import Constitution, ConstitutionError, load_constitution
@@ -96,6 +99,17 @@ def check_config(cfg: Config) -> Checked:
 class ServedModel:
     name: str
     revision: str
+    root: str
+
+
+def tokenizer_eos(model_dir: str) -> str | None:
+    """The eos token string from a model dir's tokenizer_config.json, or None when it is not readable here."""
+    p = Path(model_dir) / "tokenizer_config.json"
+    try:
+        tok = json.loads(p.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return tok.get("content") if isinstance(tok, dict) else tok
 
 
 def connect(urls: list[str], api_key: str | None, *, model: str | None, revision: str | None,
@@ -126,4 +140,4 @@ def connect(urls: list[str], api_key: str | None, *, model: str | None, revision
                 raise ServerUnavailable(f"{url} does not return echo log-probs (needed for pairs.ref_logprobs); "
                                         f"serve with gen_server (embedded or vLLM) or set pairs.ref_logprobs=false")
     # The served root (the model dir) tells round k's weights from round k+1's even under one served name.
-    return ServedModel(name, revision or root)
+    return ServedModel(name, revision or root, root)

@@ -235,6 +235,9 @@ class PairsConfig(Section):
     min_edit_distance: float = Field(0.02, ge=0.0, le=1.0, description="Normalized Levenshtein; below = no signal.")
     max_edit_distance: float = Field(1.0, ge=0.0, le=1.0, description="Above = unrelated responses, not a contrast.")
     ref_logprobs: bool = Field(True, description="Score ref_chosen_logps/ref_rejected_logps on the server (1 request per pair).")
+    eos_token: str | None = Field(None, description="Appended to each response when scoring reference log-probs, as "
+                                  "TRL appends it before training; default: eos_token of the served model dir's "
+                                  "tokenizer (set it when that dir is not readable from here).")
     in_flight_per_server: int = Field(8, ge=1, description="Items in flight per server (each sends its requests in turn).")
     actor_max_restarts: int = Field(3, ge=0, description="Restarts of a lost actor; its unfinished items are retried.")
     shard_size: int = Field(256, ge=1, description="Pairs per parquet shard; smaller loses less on a crash.")

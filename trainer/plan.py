@@ -132,6 +132,23 @@ def largest_fitting_batch(cfg: Config, base_model: Path | None = None, *, gpu_gi
     return max(fitting, default=None)
 
 
+def _shape_of_config(cfg: Any) -> tuple[ModelShape, str]:
+    """The base model's shape from its config.json; a known shape by name when the files are not here
+    (planning a GPU run from a laptop: model.base=/models/Qwen2.5-32B names the shape)."""
+    from trainer.paths import resolve_base_model
+
+    try:
+        base = resolve_base_model(cfg)
+        return ModelShape.from_config(base / "config.json"), str(base)
+    except (FileNotFoundError, ValueError) as e:
+        spec = cfg.train.base_model or cfg.model.base
+        for name, shape in KNOWN_SHAPES.items():
+            if Path(spec).name.lower().startswith(name):
+                log.info("%s is not here; planning with the known %s shape", spec, name)
+                return shape, f"{name} (known shape; {spec} not on this machine)"
+        raise ValueError(f"{e}; or pass --shape {{{','.join(sorted(KNOWN_SHAPES))}}}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from shared.log import setup_logging
 
@@ -146,11 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.shape:
             shape, source = KNOWN_SHAPES[args.shape], args.shape
         else:
-            from trainer.paths import resolve_base_model
-
-            base = resolve_base_model(cfg)
-            shape, source = ModelShape.from_config(base / "config.json"), str(base)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
+            shape, source = _shape_of_config(cfg)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
         log.error("%s", e)
         return 2
     gpu_gib = args.gpu_gib

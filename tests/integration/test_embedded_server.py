@@ -240,3 +240,18 @@ def test_concurrent_requests_are_batched(client, base_url):
     assert after["sequences_run"] - before["sequences_run"] == 8
     assert after["batches_run"] - before["batches_run"] < 8
     assert after["max_batch_seen"] > 1
+
+
+def test_tokens_as_token_ids(client, tiny_model_dir):
+    """vLLM's return_tokens_as_token_ids: echo log-probs name each token by id (what pair_builder scores with)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "# Query: hi there" + tok.eos_token
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [f"token_id:{i}" for i in tok(text)["input_ids"]]
+    assert lp.tokens[-1] == f"token_id:{tok.eos_token_id}"  # the eos text is the eos token, as TRL tokenizes it
+    plain = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1).choices[0].logprobs
+    assert lp.token_logprobs == plain.token_logprobs and lp.text_offset == plain.text_offset

@@ -9,7 +9,7 @@ import pytest
 from pair_builder.build import BuildSettings, build_item, item_id, principle_for
 from pair_builder.constitution import load_constitution
 from pair_builder.critique import checker_feedback, critique_and_revise, critique_prompt, parse_verdict, revision_prompt
-from pair_builder.refscore import response_logprob, score_pair
+from pair_builder.refscore import completion_logprobs, score_pair
 from pair_builder.sample import SamplingSettings, Usage, sample_responses
 from pair_builder.sources import Instruction
 from pair_builder.verify import Bands
@@ -100,25 +100,32 @@ def test_critique_and_revise_two_requests():
 
 
 def test_logprob_sum_at_the_boundary():
-    prompt, response = "# Answer:\n", "hi there"
-    toks, lps, offs = ["# Answer:\n", "hi", " there"], [None, -0.5, -0.25], [0, 10, 12]
-    r = response_logprob(toks, lps, offs, response, prompt)
-    assert (r.logp, r.tokens, r.straddled) == (-0.75, 2, False)
-    # a BOS the server decodes as text shifts offsets; the boundary is found from the end
-    r = response_logprob(["<s>"] + toks, [None, -2.0, -0.5, -0.25], [0, 3, 13, 15], response, prompt)
-    assert (r.logp, r.tokens) == (-0.75, 2)
-    # a token straddling the boundary counts toward the response (it carries response characters)
-    r = response_logprob(["# Answer", ":\nhi", " there"], [None, -1.0, -0.25], [0, 8, 12], response, prompt)
-    assert (r.logp, r.tokens, r.straddled) == (-1.25, 2, True)
+    prompt = ["token_id:1", "token_id:2"]
+    chosen = (["token_id:1", "token_id:2", "token_id:7", "token_id:9"], [None, -1.0, -0.5, -0.25])
+    rejected = (["token_id:1", "token_id:2", "token_id:8"], [None, -1.0, -2.0])
+    lc, lr = completion_logprobs(prompt, [chosen, rejected])
+    assert (lc.logp, lc.tokens, lc.straddled) == (-0.75, 2, False)
+    assert (lr.logp, lr.tokens, lr.straddled) == (-2.0, 1, False)
+    # the prompt's last token merged with the response in one sequence: TRL's boundary is the shorter prefix,
+    # for both responses
+    merged = (["token_id:1", "token_id:5", "token_id:9"], [None, -3.0, -0.25])
+    lc, lr = completion_logprobs(prompt, [merged, rejected])
+    assert (lc.logp, lc.tokens, lc.straddled) == (-3.25, 2, True)
+    assert (lr.logp, lr.tokens, lr.straddled) == (-3.0, 2, True)
     with pytest.raises(ValueError, match="same length"):
-        response_logprob(toks, lps[:2], offs, response, prompt)
+        completion_logprobs(prompt, [(chosen[0], chosen[1][:2])])
+    with pytest.raises(ValueError, match="no response tokens"):
+        completion_logprobs(prompt, [(prompt, [None, -1.0])])
 
 
-def test_score_pair_one_request():
+def test_score_pair_one_request_with_eos():
     fc = FakeClient([])
-    lc, lr = score_pair(fc, "m", "Q:\n", "a b c", "d", usage=Usage())
-    assert (lc.logp, lr.logp) == (-3.0, -1.0)
-    assert len(fc.calls) == 1 and fc.calls[0]["max_tokens"] == 0 and fc.calls[0]["echo"] is True
+    lc, lr = score_pair(fc, "m", "Q:\n", "a b c", "d", usage=Usage(), eos=" <eos>")
+    assert (lc.logp, lr.logp) == (-4.0, -2.0)  # every response token and the eos
+    [call] = fc.calls
+    assert call["max_tokens"] == 0 and call["echo"] is True
+    assert call["prompt"] == ["Q:\n", "Q:\na b c <eos>", "Q:\nd <eos>"]
+    assert call["extra_body"] == {"return_tokens_as_token_ids": True}
 
 
 def test_build_item_keeps_a_rewrite_pair_with_ref_logps():

@@ -1,0 +1,65 @@
+"""The whole loop as one command, round after round, with stopping rules and a report.
+
+    python -m pipeline run --config configs/demo-cpu.yaml [--rounds K] [a.b=c ...]
+    python -m pipeline status runs/demo
+    python -m pipeline report --config configs/demo-cpu.yaml
+
+`run` after a crash continues from the last finished step. Exit codes: 0 finished (a stopping rule fired),
+1 a step failed (rerun to continue), 2 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shared.config import ConfigError, add_config_args, config_from_args
+from shared.log import setup_logging
+
+log = logging.getLogger("pipeline")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run or continue the round loop")
+    add_config_args(r, required=True)
+    r.add_argument("--rounds", type=int, help="max DPO rounds (overrides pipeline.rounds)")
+    s = sub.add_parser("status", help="where a run stands")
+    s.add_argument("run_dir", type=Path)
+    rep = sub.add_parser("report", help="(re)write RUN/report.md and report.html")
+    add_config_args(rep, required=True)
+    args = ap.parse_args(argv)
+    setup_logging()
+
+    from pipeline.run import PipelineError, run, status
+
+    if args.cmd == "status":
+        print(status(args.run_dir))
+        return 0
+    try:
+        if getattr(args, "rounds", None):
+            args.overrides.append(f"pipeline.rounds={args.rounds}")
+        cfg = config_from_args(args)
+        if args.cmd == "report":
+            from pipeline.report import write_report
+            from pipeline.state import RunState
+            from shared.rundir import RunDir
+
+            rd = RunDir.from_config(cfg)
+            print(write_report(cfg, rd, RunState(rd.path)))
+            return 0
+        return run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The run's final report: ``RUN/report.md`` and a self-contained ``RUN/report.html`` (PNGs embedded).
+
+Scores per round with 95% bootstrap intervals, pair counts and drop reasons, DPO curves, time and cost per
+stage and per accepted pair, and the resolved config. Built from the files the stages wrote, so it can be
+regenerated at any time: ``python -m pipeline report RUN``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from pipeline.state import RunState
+from shared.atomic import atomic_write_text
+from shared.config import Config, dump_config
+from shared.ledger import CostLedger
+from shared.rundir import RunDir
+
+METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+Block = tuple[str, Any]
+
+
+def _read(p: Path) -> Any:
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _ci(results_path: Path, metric: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile bootstrap interval of one eval's metric over its prompts."""
+    if not results_path.exists():
+        return None
+    rows = [json.loads(x) for x in results_path.read_text().splitlines() if x.strip()]
+    if not rows:
+        return None
+    if metric.startswith("prompt_"):
+        parts = [(float(r[metric]), 1) for r in rows]
+    else:
+        key = "follow_strict" if metric.endswith("strict") else "follow_loose"
+        parts = [(float(sum(r[key])), len(r[key])) for r in rows]
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(n_boot):
+        s = [parts[rng.randrange(len(parts))] for _ in parts]
+        boots.append(sum(x for x, _ in s) / max(1, sum(n for _, n in s)))
+    boots.sort()
+    return boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
+
+
+def _scores_plot(rounds: list[tuple[int, dict[str, Any], tuple[float, float] | None]], metric: str, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ks = [k for k, _, _ in rounds]
+    for m in METRICS:
+        ax.plot(ks, [s[m] for _, s, _ in rounds], marker="o", label=m, lw=2.5 if m == metric else 1)
+    lo = [ci[0] if ci else s[metric] for _, s, ci in rounds]
+    hi = [ci[1] if ci else s[metric] for _, s, ci in rounds]
+    ax.fill_between(ks, lo, hi, alpha=0.15, label=f"{metric} 95% CI")
+    ax.set_xticks(ks)
+    ax.set_xlabel("round (model_k = model after k DPO rounds)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Instruction following by round")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def build(cfg: Config, rd: RunDir, state: RunState) -> list[Block]:
+    metric = cfg.eval.gate_metric
+    blocks: list[Block] = [("h1", f"Run {rd.path.name}")]
+    st = state.stopped
+    blocks.append(("p", f"Stopped after round {st['round']}: {st['reason']}. Final model: `{st['promoted_model']}`."
+                   if st else "Not finished: `python -m pipeline run --config CFG` continues it."))
+
+    rounds = []
+    for k in rd.rounds():
+        ev = rd.round(k, create=False).eval
+        s = _read(ev / "scores.json")
+        if s:
+            rounds.append((k, s, _ci(ev / "results.jsonl", metric)))
+    if rounds:
+        rows = []
+        for i, (k, s, ci) in enumerate(rounds):
+            delta = f"{s[metric] - rounds[i - 1][1][metric]:+.4f}" if i else ""
+            rows.append([str(k), *(f"{s[m]:.4f}" for m in METRICS),
+                         f"{ci[0]:.3f}..{ci[1]:.3f}" if ci else "", delta, str(s["n_prompts"])])
+        blocks += [("h2", f"Scores by round ({rounds[0][1].get('suite')} suite)"),
+                   ("table", (["round", *METRICS, f"{metric} 95% CI", "gain", "prompts"], rows)),
+                   ("img", _scores_plot(rounds, metric, rd.path / "scores_by_round.png"))]
+
+    pair_rows, drops, cost_rows = [], {}, []
+    total_cost, total_kept = 0.0, 0
+    for k in rd.rounds():
+        r = rd.round(k, create=False)
+        stats = _read(r.pairs / ".meta" / "stats.json")
+        if stats:
+            total_kept += stats["kept"]
+            pair_rows.append([str(k), str(stats["items_done"]), str(stats["kept"]), f"{stats['acceptance_rate']:.2f}",
+                              ", ".join(f"{a}: {b}" for a, b in stats.get("chosen_route", {}).items())])
+            for reason, n in stats.get("drop_reasons", {}).items():
+                drops.setdefault(reason, {})[k] = n
+        for stage, t in CostLedger(r.ledger).totals().items():
+            total_cost += t.get("cost_usd", 0.0)
+            cost_rows.append([str(k), stage, f"{t.get('wall_s', 0):.0f}", f"{t.get('cost_usd', 0):.4f}",
+                              str(int(t.get("completion_tokens", 0)))])
+    if pair_rows:
+        ks = sorted({k for d in drops.values() for k in d})
+        blocks += [("h2", "Preference pairs"),
+                   ("table", (["round", "instructions", "kept", "acceptance", "chosen from"], pair_rows))]
+        if drops:
+            blocks.append(("table", (["drop reason", *[f"round {k}" for k in ks]],
+                                     [[r, *(str(d.get(k, 0)) for k in ks)] for r, d in sorted(drops.items())])))
+    for k in rd.rounds():
+        tdir = rd.round(k, create=False).path / "train"
+        summ = _read(rd.round(k, create=False).adapter / "train_summary.json")
+        imgs = [p for p in (tdir / "loss.png", tdir / "rewards.png") if p.exists()]
+        if summ or imgs:
+            blocks.append(("h2", f"DPO, round {k}"))
+            if summ:
+                keep = {a: b for a, b in summ.items() if isinstance(b, (int, float, str)) and len(str(b)) < 80}
+                blocks.append(("table", (["field", "value"], [[a, str(b)] for a, b in keep.items()])))
+            blocks += [("img", p) for p in imgs]
+    if cost_rows:
+        per_pair = f"${total_cost / total_kept:.4f} per accepted pair" if total_kept else "no accepted pairs"
+        blocks += [("h2", "Time and cost"),
+                   ("p", f"Total ${total_cost:.4f} at ${cfg.cost.gpu_usd_per_hour}/hr; {per_pair}."),
+                   ("table", (["round", "stage", "wall s", "cost $", "completion tokens"], cost_rows))]
+    blocks += [("h2", "Resolved config"), ("pre", dump_config(cfg))]
+    return blocks
+
+
+def to_markdown(blocks: list[Block], base: Path) -> str:
+    out = []
+    for kind, v in blocks:
+        if kind == "h1":
+            out.append(f"# {v}\n")
+        elif kind == "h2":
+            out.append(f"## {v}\n")
+        elif kind == "p":
+            out.append(f"{v}\n")
+        elif kind == "table":
+            head, rows = v
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                    *("| " + " | ".join(r) + " |" for r in rows), ""]
+        elif kind == "img":
+            rel = Path(v).relative_to(base) if Path(v).is_relative_to(base) else v
+            out.append(f"![{Path(v).name}]({rel})\n")
+        elif kind == "pre":
+            out.append(f"```yaml\n{v}```\n")
+    return "\n".join(out)
+
+
+def to_html(blocks: list[Block]) -> str:
+    e = html.escape
+    body = []
+    for kind, v in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{e(v)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{e(v)}</p>")
+        elif kind == "table":
+            head, rows = v
+            body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(v).read_bytes()).decode()
+            body.append(f'<img alt="{e(Path(v).name)}" src="data:image/png;base64,{data}">')
+        elif kind == "pre":
+            body.append(f"<pre>{e(v)}</pre>")
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}pre{background:#f6f6f6;"
+             "padding:1em;overflow:auto}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+def write_report(cfg: Config, rd: RunDir, state: RunState) -> Path:
+    blocks = build(cfg, rd, state)
+    atomic_write_text(rd.path / "report.html", to_html(blocks))
+    return atomic_write_text(rd.path / "report.md", to_markdown(blocks, rd.path))

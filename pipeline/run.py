@@ -1,0 +1,228 @@
+"""The round loop. Round k serves model_k (round 0: ``model.base``; then round k-1's merge), evaluates it
+into ``round-k/eval``, decides whether to stop, builds ``round-k/pairs`` from it, stops the server (the
+GPU is free before training), trains ``round-k/adapter`` and merges ``round-k/merged`` = model_k+1.
+
+Stopping rules, checked after each eval: target reached (``eval.target`` on ``eval.gate_metric``);
+regression (round k significantly worse than k-1 by eval's paired bootstrap: model_k is not promoted);
+plateau (gain below ``pipeline.min_gain``); budget spent (``cost.budget_usd``); max rounds.
+
+Stages run as child processes through their own CLIs (the same commands users run by hand), so the
+pipeline holds no model code and no GPU memory itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gen_server.process import ServerProcess
+from pipeline.state import RunState
+from shared.config import Config, ConfigError, load_config
+from shared.ledger import CostLedger
+from shared.rundir import RunDir
+
+log = logging.getLogger(__name__)
+_CRASH_ENV = "SELFALIGN_PIPELINE_CRASH_AFTER"  # tests: die right after this step is recorded
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+def model_of_round(cfg: Config, rd: RunDir, k: int) -> Path:
+    if k == 0:
+        from gen_server.models import resolve_model
+
+        return Path(resolve_model(cfg.model.base))
+    return rd.round(k - 1, create=False).merged
+
+
+def _spent(rd: RunDir) -> float:
+    return sum(CostLedger(rd.round(k, create=False).ledger).total_usd() for k in rd.rounds())
+
+
+def _stage(cmd: list[str], step: str, env: dict[str, str] | None = None) -> None:
+    log.info("[%s] %s", step, " ".join(cmd))
+    rc = subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode
+    if rc != 0:
+        raise PipelineError(f"step {step} failed with exit code {rc} (its output is above). Fix the cause and run "
+                            f"`python -m pipeline run` again: finished steps are kept and this one resumes.")
+
+
+def _mark(state: RunState, step: str, **info: Any) -> None:
+    state.mark(step, **info)
+    if os.environ.get(_CRASH_ENV) == step:
+        log.error("%s=%s: exiting abruptly (crash test)", _CRASH_ENV, step)
+        os._exit(137)
+
+
+def _check_saved_config(rd: RunDir, cfg: Config) -> None:
+    """A continued run must use the config it started with (more rounds are fine)."""
+    if not rd.config_path.exists():
+        rd.save_config(cfg)
+        return
+    old = load_config(rd.config_path)
+    a, b = old.model_dump(mode="json"), cfg.model_dump(mode="json")
+    a["pipeline"].pop("rounds"), b["pipeline"].pop("rounds")
+    if a != b:
+        diff = [f"{s}.{k}: {a[s].get(k)!r} -> {b[s].get(k)!r}" for s in a for k in set(a[s]) | set(b[s])
+                if a[s].get(k) != b[s].get(k)]
+        raise ConfigError([f"{rd.path} was started with another config ({'; '.join(diff)}). Continue it with the "
+                           f"same config (only pipeline.rounds may change), or set run.name to start a new run"])
+    rd.save_config(cfg)
+
+
+def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
+    """(reason, promoted model dir) when the loop should stop after round k's eval, else None."""
+    from eval.report import compare
+
+    ev = cfg.eval
+    scores = json.loads((rd.round(k, create=False).eval / "scores.json").read_text())
+    this_model = str(model_of_round(cfg, rd, k))
+    if k > 0:
+        prev_eval = rd.round(k - 1, create=False).eval
+        c = compare(prev_eval, rd.round(k, create=False).eval)["metrics"][ev.gate_metric]
+        if cfg.pipeline.rollback_on_regression and c["significant"] and c["delta"] < 0:
+            return (f"regression: round {k} scored {c['b']:.4f} vs {c['a']:.4f} in round {k - 1} on {ev.gate_metric} "
+                    f"(95% CI of the change {c['ci95'][0]:+.4f}..{c['ci95'][1]:+.4f}); round {k - 1}'s model is kept",
+                    str(model_of_round(cfg, rd, k - 1)))
+    if scores[ev.gate_metric] >= ev.target:
+        return f"target reached: {ev.gate_metric}={scores[ev.gate_metric]:.4f} >= {ev.target}", this_model
+    if k > 0:
+        prev = json.loads((rd.round(k - 1, create=False).eval / "scores.json").read_text())
+        gain = scores[ev.gate_metric] - prev[ev.gate_metric]
+        if gain < cfg.pipeline.min_gain:
+            # within noise either way: keep the better-scoring of the two
+            best = this_model if gain >= 0 else str(model_of_round(cfg, rd, k - 1))
+            return (f"plateau: {ev.gate_metric} gained {gain:+.4f} over round {k - 1} "
+                    f"(< pipeline.min_gain={cfg.pipeline.min_gain})", best)
+    if cfg.cost.budget_usd is not None and _spent(rd) >= cfg.cost.budget_usd:
+        return f"budget spent: ${_spent(rd):.2f} >= cost.budget_usd=${cfg.cost.budget_usd:.2f}", this_model
+    if k >= cfg.pipeline.rounds:
+        return f"max rounds: {cfg.pipeline.rounds} round(s) trained", this_model
+    return None
+
+
+def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Path) -> tuple[str, str | None] | None:
+    """Everything round k needs the server for: base check, eval, stop decision, pairs."""
+    from eval.base_check import check as base_check
+    from eval.run import EvalSettings, run_eval
+    from shared.prompting import load_template
+
+    rk = rd.round(k)
+    model_dir = model_of_round(cfg, rd, k)
+    ledger = CostLedger(rk.ledger, cfg.cost.gpu_usd_per_hour)
+    log_dir = Path(cfg.pipeline.server_log_dir or rd.path)
+    with ledger.stage("serve_start", model=str(model_dir)):
+        srv = ServerProcess.from_config(cfg.server, model_dir, log_path=log_dir / f"gen_server-round-{k}.log").start()
+    try:
+        if k == 0 and not state.done("round-0/base_check"):
+            verdict, evidence = base_check(model_dir, server=srv.base_url, api_key=srv.api_key)
+            for e in evidence:
+                log.info("base check: [%s %+d] %s", e.points_to, e.score, e.reason)
+            if verdict == "INSTRUCT" and not cfg.model.allow_instruct:
+                raise PipelineError(f"{model_dir} looks like an INSTRUCT model (evidence above), not a base model. "
+                                    f"This pipeline aligns base models; set model.allow_instruct=true to go on anyway.")
+            _mark(state, "round-0/base_check", verdict=verdict)
+        if not state.done(f"round-{k}/eval"):
+            ev = cfg.eval
+            with ledger.stage("eval", suite=ev.suite) as st:
+                scores = run_eval(
+                    base_url=srv.base_url, model=None, api_key=srv.api_key, suite=ev.suite, out_dir=rk.eval,
+                    limit=ev.limit, settings=EvalSettings(prompt_style=ev.prompt_style, max_tokens=ev.max_tokens,
+                                                          temperature=ev.temperature),
+                    template=load_template(cfg.model.template), concurrency=ev.concurrency,
+                    timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries)
+                st.add(completion_tokens=scores["completion_tokens"], prompts=scores["n_prompts"])
+            log.info("round %d eval: %s=%.4f", k, ev.gate_metric, scores[ev.gate_metric])
+            _mark(state, f"round-{k}/eval", **{m: scores[m] for m in ("prompt_strict", "prompt_loose",
+                                                                     "instruction_strict", "instruction_loose")})
+        stop = decide(cfg, rd, k)
+        if stop is not None:
+            return stop
+        if not state.done(f"round-{k}/pairs"):
+            args = ["--config", str(cfg_path), f"pairs.round={k}", f"pairs.servers=[{srv.base_url}]"]
+            env = {"GEN_SERVER_API_KEY": srv.api_key}
+            if cfg.pipeline.pairs_runner == "ray_job":
+                address = cfg.pairs.ray_address or os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
+                runtime_env = json.dumps({"env_vars": env})
+                cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+                       "--runtime-env-json", runtime_env, "--", "python", "-m", "pair_builder", *args]
+            else:
+                cmd = [sys.executable, "-m", "pair_builder", *args]
+            _stage(cmd, f"round-{k}/pairs", env)
+            stats_path = rk.pairs / ".meta" / "stats.json"
+            stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+            _mark(state, f"round-{k}/pairs", kept=stats.get("kept"))
+        if state.info(f"round-{k}/pairs").get("kept") == 0:
+            return (f"no pairs kept in round {k}: nothing to train on (drop reasons in "
+                    f"{rk.pairs / 'README.md'}); raise pairs.max_instructions or pairs.k", str(model_dir))
+    finally:
+        srv.stop()
+    return None
+
+
+def run(cfg: Config) -> int:
+    """Run (or continue) the loop until a stopping rule fires. Returns the process exit code."""
+    from pipeline.report import write_report
+    from pipeline.validate import validate_pipeline
+
+    rd = RunDir.from_config(cfg)
+    base_dir = model_of_round(cfg, rd, 0)
+    validate_pipeline(cfg, base_dir)
+    _check_saved_config(rd, cfg)
+    cfg_path = rd.config_path
+    state = RunState(rd.path)
+    if state.stopped:
+        log.info("run already finished: %s", state.stopped["reason"])
+        write_report(cfg, rd, state)
+        return 0
+    k = 0
+    while True:
+        t0 = time.time()
+        stop = _serve_phase(cfg, rd, state, k, cfg_path)
+        if stop is not None:
+            reason, promoted = stop
+            state.stop(reason, round=k, promoted=promoted)
+            log.info("stopping after round %d: %s; final model: %s", k, reason, promoted)
+            break
+        if not state.done(f"round-{k}/train"):
+            _stage([sys.executable, "-m", "trainer.dpo", "--config", str(cfg_path), f"train.round={k}", "--resume"],
+                   f"round-{k}/train")
+            _mark(state, f"round-{k}/train")
+        if not state.done(f"round-{k}/merge"):
+            _stage([sys.executable, "-m", "trainer.merge", "--config", str(cfg_path), f"train.round={k}"],
+                   f"round-{k}/merge")
+            _mark(state, f"round-{k}/merge", model=str(rd.round(k, create=False).merged))
+        log.info("round %d done in %.0fs", k, time.time() - t0)
+        k += 1
+    path = write_report(cfg, rd, state)
+    print(f"report: {path}")
+    print(f"final model: {state.stopped['promoted_model']}")
+    return 0
+
+
+def status(run_dir: Path) -> str:
+    state = RunState(run_dir)
+    if not state.path.exists():
+        return f"{run_dir}: no run here yet (start it with `python -m pipeline run --config CFG`)"
+    lines = [f"run {run_dir}"]
+    for step, info in state.data["steps"].items():
+        extra = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()
+                          if k != "finished_at")
+        lines.append(f"  done  {step:<22} {info['finished_at']}  {extra}")
+    if state.stopped:
+        lines.append(f"  stopped after round {state.stopped['round']}: {state.stopped['reason']}")
+        lines.append(f"  final model: {state.stopped['promoted_model']}")
+    else:
+        lines.append("  not finished: `python -m pipeline run --config CFG` continues from the next step")
+    return "\n".join(lines)
+
+
+

@@ -1,0 +1,62 @@
+"""Cross-section checks of a pipeline config, all reported at once before anything starts.
+
+Each section validates itself (shared/config.py); this catches sections that disagree with each other,
+e.g. a trainer pointed at another model than the one served, or a max_length too short for the prompt
+template. Reads only JSON/tokenizer files: no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from shared.config import Config, ConfigError
+from shared.prompting import load_template
+
+log = logging.getLogger(__name__)
+
+
+def _template_tokens(model_dir: Path, prompt: str) -> int | None:
+    """Token count of the rendered template with the model's own tokenizer (fast tokenizers only)."""
+    tok_file = model_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return len(Tokenizer.from_file(str(tok_file)).encode(prompt).ids)
+
+
+def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
+    problems: list[str] = []
+    if cfg.train.base_model or cfg.merge.base_model:
+        problems.append("train.base_model / merge.base_model must be unset in a pipeline run: each round trains and "
+                        "merges into the model it served (model.base in round 0, then the previous merge)")
+    if cfg.train.pairs_dir or cfg.train.output_dir or cfg.merge.adapter_dir or cfg.merge.output_dir:
+        problems.append("train.pairs_dir/output_dir and merge.adapter_dir/output_dir must be unset in a pipeline run: "
+                        "the round layout (runs/<name>/round-<k>/) decides them")
+    if cfg.train.round or cfg.pairs.round:
+        problems.append("train.round / pairs.round must be 0 (unset) in a pipeline run: the loop sets them per round")
+    if cfg.pairs.servers:
+        problems.append("pairs.servers must be empty in a pipeline run: the pipeline starts its own gen_server "
+                        "per round (set server.* instead)")
+    if cfg.cost.budget_usd is not None and cfg.cost.gpu_usd_per_hour == 0:
+        problems.append("cost.budget_usd is set but cost.gpu_usd_per_hour is 0, so the budget can never be reached: "
+                        "set the machine's price")
+    if cfg.server.backend == "vllm" and cfg.train.backend == "peft" and cfg.train.load_in_4bit is False:
+        log.info("serving with vLLM but training 16-bit PEFT: fine, but check trainer.plan for memory")
+    tpl = load_template(cfg.model.template)
+    if model_dir is not None:
+        n = _template_tokens(model_dir, tpl.render("x " * 40))
+        if n is not None:
+            need_pairs = n + cfg.pairs.max_tokens
+            if need_pairs > cfg.train.max_length:
+                problems.append(f"train.max_length={cfg.train.max_length} is shorter than the prompt template "
+                                f"(~{n} tokens with a short instruction) + pairs.max_tokens={cfg.pairs.max_tokens} = "
+                                f"{need_pairs}: raise train.max_length or shorten the template/max_tokens")
+            if cfg.server.max_model_len is not None:
+                for name, mt in (("eval.max_tokens", cfg.eval.max_tokens), ("pairs.max_tokens", cfg.pairs.max_tokens)):
+                    if n + mt > cfg.server.max_model_len:
+                        problems.append(f"server.max_model_len={cfg.server.max_model_len} < template (~{n} tokens) + "
+                                        f"{name}={mt}: raise server.max_model_len or lower {name}")
+    if problems:
+        raise ConfigError(problems, "pipeline config")

@@ -1,0 +1,107 @@
+"""The whole loop with small numbers: the real embedded server, real Ray (in-process, inside pair_builder),
+real DPO steps, a real merge, real evals - killed at two different steps and continued; and a config whose
+parts disagree, rejected before anything starts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from shared.prompting import DEFAULT_TEMPLATE
+
+pytestmark = pytest.mark.integration
+
+# The tiny random model writes random bytes, so (as in test_pair_builder.py) a template that stops at "e",
+# a one-principle constitution and no-constraint instructions under `prefer_rewrite` make pairs survive.
+PRINCIPLE = {"id": "short", "description": "d", "critique_request": "Is it good?", "revision_request": "Fix it.",
+             "examples": [{"query": "Say hi.", "answer": "HI", "critique": "Caps. Verdict: NEEDS REVISION",
+                           "revision": "hi"}]}
+INSTRUCTIONS = [f"{v} {t}." for v in ("Describe", "Write a haiku about", "List facts about")
+                for t in ("rain", "snow", "the sea", "a cat", "a dog", "city lights")]
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir):
+    tpl = yaml.safe_load(DEFAULT_TEMPLATE.read_text())
+    tpl["stop"] = ["e", "a", "\n# Query:"]
+    (tmp_path / "template.yaml").write_text(yaml.safe_dump(tpl))
+    (tmp_path / "principles").mkdir()
+    (tmp_path / "principles" / "short.yaml").write_text(yaml.safe_dump(PRINCIPLE))
+    (tmp_path / "instructions.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS))
+    cfg = {
+        "run": {"name": "it", "root": str(tmp_path / "runs")},
+        "model": {"base": str(tiny_model_dir), "template": str(tmp_path / "template.yaml")},
+        "server": {"backend": "embedded", "max_model_len": 2048},
+        "eval": {"limit": 6, "max_tokens": 12, "concurrency": 6},
+        "pairs": {"sources": ["file"], "input_file": str(tmp_path / "instructions.jsonl"),
+                  "constitution": str(tmp_path / "principles"), "no_constraint_rule": "prefer_rewrite",
+                  "max_length_ratio": 1000, "min_edit_distance": 0, "max_tokens": 12, "critique_max_tokens": 12,
+                  "progress": False},
+        "train": {"backend": "peft", "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2,
+                  "gradient_accumulation_steps": 1, "lora_r": 8, "max_length": 1100, "eval_split": 0.0,
+                  "report_to": [], "learning_rate": 1e-3},
+        "pipeline": {"rounds": 1, "min_gain": 0.0},
+    }
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p, tmp_path / "runs" / "it"
+
+
+def _pipeline(*args, crash_after=None, timeout=900):
+    env = {**os.environ}
+    env.pop("SELFALIGN_PIPELINE_CRASH_AFTER", None)
+    if crash_after:
+        env["SELFALIGN_PIPELINE_CRASH_AFTER"] = crash_after
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_round_killed_twice_then_finished(tiny_config, tiny_model_dir):
+    cfg, run = tiny_config
+    r = _pipeline("run", "--config", str(cfg), crash_after="round-0/eval")
+    assert r.returncode == 137, r.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert list(state["steps"]) == ["round-0/base_check", "round-0/eval"]
+    eval_done_at = state["steps"]["round-0/eval"]["finished_at"]
+    cached = (run / "round-0" / "eval" / "responses.jsonl").read_text()
+
+    r = _pipeline("run", "--config", str(cfg), crash_after="round-0/train")
+    assert r.returncode == 137, r.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["steps"]["round-0/eval"]["finished_at"] == eval_done_at  # not redone
+    assert "round-0/pairs" in state["steps"] and "round-0/train" in state["steps"]
+    assert "round-0/merge" not in state["steps"]
+
+    r = _pipeline("run", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["stopped"] is not None, state
+    assert (run / "round-0" / "eval" / "responses.jsonl").read_text() == cached
+    assert state["steps"]["round-0/pairs"]["kept"] >= 6
+    assert (run / "round-0" / "merged" / "config.json").exists()
+    assert (run / "round-1" / "eval" / "scores.json").exists()
+    # round 1's eval decides: max rounds, a plateau or a regression (the tiny model is random either way)
+    assert state["stopped"]["round"] == 1
+    assert state["stopped"]["promoted_model"] in (str(run / "round-0" / "merged"), str(tiny_model_dir))
+    md = (run / "report.md").read_text()
+    assert "## Scores by round" in md and "## Resolved config" in md and "## Time and cost" in md
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+    r = _pipeline("status", str(run))
+    assert r.returncode == 0 and "stopped after round" in r.stdout
+    # finished: running again does nothing but rewrite the report
+    r = _pipeline("run", "--config", str(cfg))
+    assert r.returncode == 0 and "already finished" in r.stderr
+
+
+def test_disagreeing_config_is_rejected_before_anything_starts(tiny_config):
+    cfg, run = tiny_config
+    r = _pipeline("run", "--config", str(cfg), "train.base_model=/somewhere/else", "train.max_length=64",
+                  "pairs.servers=[http://127.0.0.1:1]", timeout=120)
+    assert r.returncode == 2
+    for needle in ("train.base_model", "train.max_length=64", "pairs.servers"):
+        assert needle in r.stderr, r.stderr
+    assert not run.exists()
