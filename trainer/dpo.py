@@ -357,6 +357,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
         NonFiniteLossCallback,
         RewardEarlyStopping,
         SuppliedRefDPOTrainer,
+        ThroughputCallback,
         ensure_logprob_kernel,
         last_complete_checkpoint,
     )
@@ -365,7 +366,8 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
 
     nan_guard = NonFiniteLossCallback()
     cost = CostCallback(cfg.cost.gpu_usd_per_hour, cfg.cost.budget_usd, _spent_before(cfg))
-    callbacks: list[Any] = [nan_guard, cost, CheckpointMarkerCallback()]
+    speed = ThroughputCallback()
+    callbacks: list[Any] = [nan_guard, cost, CheckpointMarkerCallback(), speed]
     early = None
     if eval_ds is not None and t.early_stopping_patience:
         early = RewardEarlyStopping(t.early_stopping_metric, t.early_stopping_patience)
@@ -429,6 +431,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
             "global_step": trainer.state.global_step, "train_pairs": len(ds),
             "eval_pairs": len(eval_ds) if eval_ds is not None else 0, "ref_logps": "dataset" if use_ref_logps else
             ("precomputed" if t.precompute_ref_log_probs else "online"), "ref_check": ref_check, "metrics": last,
+            "throughput": speed.summary(batch_size * t.gradient_accumulation_steps),
             "config": cfg.train.model_dump(mode="json"),
         })
     log.info("adapter (%s after %d steps) -> %s; curves in %s", status, trainer.state.global_step,

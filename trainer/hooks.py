@@ -75,6 +75,39 @@ class SuppliedRefDPOTrainer(DPOTrainer):
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
+class ThroughputCallback(TrainerCallback):
+    """Wall time of every optimizer step (CUDA synchronized) and the peak GPU memory, for summaries and bench/."""
+
+    def __init__(self) -> None:
+        self.step_s: list[float] = []
+        self._t0 = 0.0
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._sync()
+        self.step_s.append(time.perf_counter() - self._t0)
+
+    def summary(self, pairs_per_step: int, warmup: int = 2) -> dict[str, float | None]:
+        """Median step time after ``warmup`` steps (compile, allocator warm-up), pairs/s and peak GiB."""
+        steady = sorted(self.step_s[warmup:] or self.step_s)
+        median = steady[len(steady) // 2] if steady else None
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        return {"step_s_median": median, "pairs_per_s": pairs_per_step / median if median else None,
+                "peak_vram_gib": peak, "steps_timed": len(self.step_s)}
+
+
 class NonFiniteLossCallback(TrainerCallback):
     """Stop at the first NaN/inf loss, before that step is evaluated or checkpointed.
 
