@@ -26,7 +26,7 @@ from typing import Any, Literal
 import openai
 from tqdm import tqdm
 
-from shared.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from shared.atomic import append_jsonl_many, atomic_write_json, atomic_write_text, read_jsonl
 from shared.client import make_client, served_models, wait_for_health
 from shared.prompting import BaseTemplate, load_template
 
@@ -105,10 +105,21 @@ class ResponseCache:
         else:
             atomic_write_json(meta_path, meta)
         self.entries = {r["request_key"]: r for r in read_jsonl(self.path)}
+        self._pending: list[dict[str, Any]] = []
+        self._flushed = time.monotonic()
 
     def add(self, entry: dict[str, Any]) -> None:
-        append_jsonl(self.path, entry)
+        """Record a response; written in batches (one fsync per ~second), so a crash loses at most the last
+        second of responses - which a resumed eval simply asks for again."""
         self.entries[entry["request_key"]] = entry
+        self._pending.append(entry)
+        if len(self._pending) >= 256 or time.monotonic() - self._flushed > 1.0:
+            self.flush()
+
+    def flush(self) -> None:
+        append_jsonl_many(self.path, self._pending)
+        self._pending = []
+        self._flushed = time.monotonic()
 
 
 async def _fetch_all(
@@ -147,6 +158,7 @@ async def _fetch_all(
     try:
         await asyncio.gather(*(one(it, r) for it, r in todo))
     finally:
+        cache.flush()
         bar.close()
         await client.close()
 

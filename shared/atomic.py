@@ -81,9 +81,16 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
 
     A crash can leave at most a truncated last line; :func:`read_jsonl` skips it.
     """
+    append_jsonl_many(path, [record])
+
+
+def append_jsonl_many(path: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
+    """Append several JSON lines with one write + one fsync (hot paths batch their records)."""
+    if not records:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, default=str) + "\n").encode("utf-8")
+    line = "".join(json.dumps(r, default=str) + "\n" for r in records).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, line)

@@ -175,3 +175,78 @@ def test_close_stops_the_worker(tiny_model_dir):
     assert not engine._worker.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit("hi", GREEDY)
+
+
+def _on_decode_steps(engine: Engine, monkeypatch, hook) -> None:
+    """Call `hook(step, input_ids, attention_mask)` on the worker thread before each decode step (not prefills)."""
+    forward = engine.model.forward
+    steps = []
+
+    def spying_forward(*args, input_ids, attention_mask, past_key_values, **kwargs):
+        if past_key_values.get_seq_length() > 0:
+            steps.append(None)
+            hook(len(steps), input_ids, attention_mask)
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", spying_forward)
+
+
+def test_sequences_joining_mid_flight_match_alone(engine, monkeypatch):
+    """Sequences queued while a batch decodes join it at the next step (one with a longer context than the running
+    row, one with a shorter), produce what they produce alone, and resolve while the batch's longest row goes on."""
+    long_params = SamplingParams(max_tokens=40, temperature=0)
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=1234)
+    joiners = {3: (PROMPTS[3], GREEDY), 15: (PROMPTS[0], seeded)}  # decode step at which each is submitted
+    expected_long = solo(engine, PROMPTS[2], long_params)
+    expected = [solo(engine, prompt, params) for prompt, params in joiners.values()]
+    assert len(expected_long.token_ids) == 40, "the running row must outlast the joiners"
+    joined, batch_sizes, done_early = [], [], []
+
+    def hook(step, input_ids, attention_mask):
+        batch_sizes.append(input_ids.shape[0])
+        done_early.append([f.done() for f in joined])
+        if step in joiners:
+            joined.append(engine.submit(*joiners[step]))
+
+    _on_decode_steps(engine, monkeypatch, hook)
+    long = engine.submit(PROMPTS[2], long_params)
+    assert long.result(timeout=60) == expected_long
+    assert [f.result(timeout=60) for f in joined] == expected
+    assert max(batch_sizes) == 2, "the joiners did not share the running batch"
+    assert done_early[-1] == [True, True], "finished joiners waited for the longest row"
+
+
+def test_finished_rows_leave_at_once_and_padding_is_trimmed(engine, monkeypatch):
+    """A row that finishes resolves its future at once, and its padding columns leave the cache with it."""
+    short_params = SamplingParams(max_tokens=2, temperature=0)
+    observed = []
+    futures = []
+
+    def hook(step, input_ids, attention_mask):
+        observed.append((input_ids.shape[0], bool(attention_mask.all()), [f.done() for f in futures]))
+
+    expected = [solo(engine, PROMPTS[1], short_params), solo(engine, PROMPTS[2], GREEDY)]
+    monkeypatch.setattr(engine, "batch_wait_s", 0.2)  # so both surely start in one batch
+    _on_decode_steps(engine, monkeypatch, hook)
+    futures.extend(engine.submit(p, params) for p, params in ((PROMPTS[1], short_params), (PROMPTS[2], GREEDY)))
+    assert [f.result(timeout=60) for f in futures] == expected
+    assert observed[0] == (2, False, [False, False])  # one batch; the short prompt "0" is left-padded
+    # After the long-prompt row left: a batch of one, resolved, and no padding column left in the cache.
+    assert observed[-1] == (1, True, [True, False])
+
+
+def test_failing_decode_step_reruns_rows_alone(engine, monkeypatch, caplog):
+    """A decode step that fails re-runs its rows one by one from scratch; the seeds make the results unchanged."""
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=99)
+    expected = [solo(engine, PROMPTS[0], GREEDY), solo(engine, PROMPTS[3], seeded)]
+
+    def hook(step, input_ids, attention_mask):
+        if input_ids.shape[0] > 1:
+            raise RuntimeError("batched decode broke")
+
+    monkeypatch.setattr(engine, "batch_wait_s", 0.2)
+    _on_decode_steps(engine, monkeypatch, hook)
+    futures = [engine.submit(PROMPTS[0], GREEDY), engine.submit(PROMPTS[3], seeded)]
+    assert [f.result(timeout=60) for f in futures] == expected
+    assert "retrying its sequences one at a time" in caplog.text
