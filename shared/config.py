@@ -96,7 +96,7 @@ class ModelConfig(Section):
 
 
 class EvalConfig(Section):
-    suite: str = Field("own", description="ifeval (541 prompts) | own (generated, held-out split) | path/to/suite.jsonl")
+    suite: str = Field("own", description="ifeval (541 prompts, packaged) | own (generated, held-out split) | hub[:repo] (online) | path/to/suite.jsonl")
     limit: int | None = Field(None, ge=1, description="Score only the first N prompts (quick checks).")
     prompt_style: Literal["base", "chat"] = Field("base", description="base: few-shot template via /v1/completions.")
     max_tokens: int = Field(512, ge=1, description="Longer answers cost time; too short truncates and fails length checks.")

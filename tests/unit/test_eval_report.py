@@ -37,3 +37,23 @@ def test_report_with_round_history(tmp_path):
     md = write_report(out, scores).read_text()
     assert "| prompt_strict | 0.5000 |" in md and "## By round" in md
     assert (out / "by_category.png").stat().st_size > 1000 and (out / "rounds.png").exists()
+
+
+def test_hub_suite_offline_names_the_packaged_copy(monkeypatch):
+    import pytest
+
+    from eval.run import EvalError, load_suite
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(EvalError, match="--suite ifeval"):
+        load_suite("hub:google/IFEval")
+
+
+def test_suites_load_and_limit():
+    from eval.run import load_suite
+
+    name, items = load_suite("ifeval", limit=5)
+    assert name == "ifeval" and len(items) == 5 and all(it["key"] for it in items)
+    name, items = load_suite("own")
+    assert name == "own" and len(items) >= 20
