@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.atomic import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from shared.atomic import append_jsonl_many, atomic_write_bytes, atomic_write_json, read_jsonl
 from shared.records import PAIR_COLUMNS, REF_LOGP_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class PairWriter:
         for shard in self.shards():
             self.written_ids.update(pq.read_table(shard, columns=["id"]).column("id").to_pylist())
         self.done: dict[str, dict[str, Any]] = {r["id"]: r for r in read_jsonl(self.done_path)}
+        self._kept = sum(1 for r in self.done.values() if r.get("kept"))  # kept_count is polled per dispatch
         self._buffer: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (record, done entry)
 
     @property
@@ -91,7 +92,7 @@ class PairWriter:
 
     @property
     def kept_count(self) -> int:
-        return sum(1 for r in self.done.values() if r.get("kept")) + len(self._buffer)
+        return self._kept + len(self._buffer)
 
     def add(self, result: dict[str, Any]) -> None:
         """Record one finished item (kept or dropped); failed items (``error``) are not done and not written."""
@@ -111,9 +112,12 @@ class PairWriter:
         if len(self._buffer) >= self.shard_size:
             self.flush()
 
-    def _mark_done(self, entry: dict[str, Any]) -> None:
-        append_jsonl(self.done_path, entry)
-        self.done[entry["id"]] = entry
+    def _mark_done(self, *entries: dict[str, Any]) -> None:
+        append_jsonl_many(self.done_path, list(entries))  # one fsync for a whole shard's entries
+        for entry in entries:
+            if entry.get("kept") and entry["id"] not in self.done:
+                self._kept += 1
+            self.done[entry["id"]] = entry
 
     def flush(self) -> Path | None:
         """Write buffered pairs as one shard atomically, then mark their items done."""
@@ -130,8 +134,7 @@ class PairWriter:
             path = self.dir / f"shard-{n:05d}.parquet"
         atomic_write_bytes(path, buf.getvalue())
         self.written_ids.update(r["id"] for r in rows)
-        for _, entry in self._buffer:
-            self._mark_done(entry)
+        self._mark_done(*(entry for _, entry in self._buffer))
         log.info("wrote %s (%d pairs)", path.name, len(rows))
         self._buffer.clear()
         return path

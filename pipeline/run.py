@@ -23,7 +23,7 @@ from typing import Any
 
 from gen_server.process import ServerProcess
 from pipeline.state import RunState
-from shared.config import Config, ConfigError, load_config
+from shared.config import Config, load_config
 from shared.ledger import CostLedger
 from shared.rundir import RunDir
 
@@ -63,18 +63,18 @@ def _mark(state: RunState, step: str, **info: Any) -> None:
 
 
 def _check_saved_config(rd: RunDir, cfg: Config) -> None:
-    """A continued run must use the config it started with (more rounds are fine)."""
-    if not rd.config_path.exists():
-        rd.save_config(cfg)
-        return
-    old = load_config(rd.config_path)
-    a, b = old.model_dump(mode="json"), cfg.model_dump(mode="json")
-    a["pipeline"].pop("rounds"), b["pipeline"].pop("rounds")
-    if a != b:
-        diff = [f"{s}.{k}: {a[s].get(k)!r} -> {b[s].get(k)!r}" for s in a for k in set(a[s]) | set(b[s])
+    """Save the resolved config; when a run continues under a changed one, say what changed.
+
+    Changing settings of steps still to come is how a failed step gets fixed (e.g. merge.dtype), so it is
+    allowed; finished steps are not redone, and the stages refuse to mix their own outputs (eval's response
+    cache, pair_builder's pairs dir) when a setting that shaped them changed.
+    """
+    if rd.config_path.exists():
+        a, b = load_config(rd.config_path).model_dump(mode="json"), cfg.model_dump(mode="json")
+        diff = [f"{s}.{k}: {a[s].get(k)!r} -> {b[s].get(k)!r}" for s in a for k in sorted(set(a[s]) | set(b[s]))
                 if a[s].get(k) != b[s].get(k)]
-        raise ConfigError([f"{rd.path} was started with another config ({'; '.join(diff)}). Continue it with the "
-                           f"same config (only pipeline.rounds may change), or set run.name to start a new run"])
+        if diff:
+            log.warning("continuing %s with a changed config: %s", rd.path, "; ".join(diff))
     rd.save_config(cfg)
 
 
@@ -117,6 +117,11 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
 
     rk = rd.round(k)
     model_dir = model_of_round(cfg, rd, k)
+    if state.done(f"round-{k}/eval") and (k > 0 or state.done("round-0/base_check")):
+        # continuing a run: no server unless a served step is left
+        stop = decide(cfg, rd, k)
+        if stop is not None or state.done(f"round-{k}/pairs"):
+            return stop or _no_pairs(state, rk, k, model_dir)
     ledger = CostLedger(rk.ledger, cfg.cost.gpu_usd_per_hour)
     log_dir = Path(cfg.pipeline.server_log_dir or rd.path)
     with ledger.stage("serve_start", model=str(model_dir)):
@@ -160,11 +165,15 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
             stats_path = rk.pairs / ".meta" / "stats.json"
             stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
             _mark(state, f"round-{k}/pairs", kept=stats.get("kept"))
-        if state.info(f"round-{k}/pairs").get("kept") == 0:
-            return (f"no pairs kept in round {k}: nothing to train on (drop reasons in "
-                    f"{rk.pairs / 'README.md'}); raise pairs.max_instructions or pairs.k", str(model_dir))
     finally:
         srv.stop()
+    return _no_pairs(state, rk, k, model_dir)
+
+
+def _no_pairs(state: RunState, rk: Any, k: int, model_dir: Path) -> tuple[str, str | None] | None:
+    if state.info(f"round-{k}/pairs").get("kept") == 0:
+        return (f"no pairs kept in round {k}: nothing to train on (drop reasons in {rk.pairs / 'README.md'}); "
+                f"raise pairs.max_instructions or pairs.k", str(model_dir))
     return None
 
 

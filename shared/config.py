@@ -193,8 +193,9 @@ class MergeConfig(Section):
         ],
         description="Instructions (rendered with the template) on which merged and adapter models must agree.",
     )
-    max_kl: float = Field(1e-3, gt=0.0, description="Fail when the mean next-token KL(adapter||merged) exceeds this.")
-    min_top1: float = Field(0.99, ge=0.0, le=1.0, description="Fail when top-1 agreement is below this.")
+    max_kl: float = Field(1e-2, gt=0.0, description="Fail when the mean next-token KL(adapter||merged) exceeds this "
+                          "(bf16 rounding alone measured 0.0018 on SmolLM2-135M; a garbled merge is far above).")
+    min_top1: float = Field(0.98, ge=0.0, le=1.0, description="Fail when top-1 agreement is below this (bf16: ~0.995).")
 
 
 class PairsConfig(Section):

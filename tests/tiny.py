@@ -65,3 +65,28 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "llama", chat_template: 
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+# A tiny random model writes random bytes that rarely hit the template's stop strings, so pair-building tests
+# use a template that stops at "e"/"a" (short, untruncated answers), a one-principle constitution with short
+# examples (the real few-shot pages overflow the tiny context) and instructions without constraints.
+TINY_PRINCIPLE = {"id": "short", "description": "d", "critique_request": "Is it good?", "revision_request": "Fix it.",
+                  "examples": [{"query": "Say hi.", "answer": "HI", "critique": "Caps. Verdict: NEEDS REVISION",
+                                "revision": "hi"}]}
+
+
+def write_pair_assets(d: Path, instructions: list[str]) -> Path:
+    """template.yaml, principles/short.yaml and instructions.jsonl in ``d`` (see TINY_PRINCIPLE)."""
+    import json
+
+    import yaml
+
+    from shared.prompting import DEFAULT_TEMPLATE
+
+    tpl = yaml.safe_load(DEFAULT_TEMPLATE.read_text())
+    tpl["stop"] = ["e", "a", "\n# Query:"]
+    (d / "template.yaml").write_text(yaml.safe_dump(tpl))
+    (d / "principles").mkdir(exist_ok=True)
+    (d / "principles" / "short.yaml").write_text(yaml.safe_dump(TINY_PRINCIPLE))
+    (d / "instructions.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in instructions))
+    return d

@@ -118,42 +118,60 @@ def _load_adapter_model(base_dir: Path, adapter_dir: Path, dtype: str) -> tuple[
     return model.eval(), AutoTokenizer.from_pretrained(base_dir)
 
 
-def _judge(result: dict[str, float], max_kl: float, min_top1: float) -> dict[str, Any]:
-    passed = result["mean_kl"] <= max_kl and result["top1_agreement"] >= min_top1
-    return {**result, "max_kl_allowed": max_kl, "min_top1": min_top1, "passed": passed}
+def _adapter_effect(model: Any, tok: Any, probe_prompts: list[str], reference: list[torch.Tensor]) -> float:
+    """Mean KL(adapter model || the same base with the adapter disabled) on the probes."""
+    with model.disable_adapter():
+        bare = next_token_logprobs(model, tok, probe_prompts)
+    return compare_distributions(reference, bare)["mean_kl"]
+
+
+def _judge(result: dict[str, float], max_kl: float, min_top1: float, effect_kl: float) -> dict[str, Any]:
+    """Pass when merged and adapter models agree within 16-bit rounding AND the merge carries the adapter.
+
+    ``effect_kl`` is KL(adapter || base without adapter): what the adapter changes. Rounding the merged weights
+    to bf16 costs a little KL on its own (measured 0.0018 mean on SmolLM2-135M), so the absolute bound alone
+    cannot tell a merge that dropped the adapter from a correct one when the adapter's effect is small; the
+    merge must also be at least twice as close to the adapter model as the bare base is.
+    """
+    carries = effect_kl == 0.0 or result["mean_kl"] <= 0.5 * effect_kl
+    passed = result["mean_kl"] <= max_kl and result["top1_agreement"] >= min_top1 and carries
+    return {**result, "adapter_effect_kl": effect_kl, "max_kl_allowed": max_kl, "min_top1": min_top1,
+            "carries_adapter": carries, "passed": passed}
 
 
 def _raise_unless_passed(verdict: dict[str, Any], merged_dir: Path) -> None:
-    log.info("merge check on %d positions: mean KL %.3g, max KL %.3g, top-1 agreement %.4f -> %s",
-             verdict["positions"], verdict["mean_kl"], verdict["max_kl"], verdict["top1_agreement"],
-             "ok" if verdict["passed"] else "FAILED")
+    log.info("merge check on %d positions: mean KL %.3g, max KL %.3g, top-1 agreement %.4f (the adapter itself "
+             "moves the base by KL %.3g) -> %s", verdict["positions"], verdict["mean_kl"], verdict["max_kl"],
+             verdict["top1_agreement"], verdict["adapter_effect_kl"], "ok" if verdict["passed"] else "FAILED")
     if not verdict["passed"]:
         raise MergeVerificationError(
             f"merged model {merged_dir} disagrees with the adapter model: mean KL {verdict['mean_kl']:.3g} (max "
             f"allowed {verdict['max_kl_allowed']:.3g}), top-1 agreement {verdict['top1_agreement']:.4f} (min "
-            f"{verdict['min_top1']}). Merge again from the ORIGINAL 16-bit base (merge.base_model), or use "
+            f"{verdict['min_top1']}), {'carries' if verdict['carries_adapter'] else 'does NOT carry'} the adapter's "
+            f"effect (KL {verdict['adapter_effect_kl']:.3g} from the base). Merge again from the ORIGINAL 16-bit base (merge.base_model), or use "
             "merge.dtype=float32 if bf16 rounding is the cause",
             verdict,
         )
 
 
 def verify_merged(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, *, probe_prompts: list[str],
-                  dtype: str = "auto", max_kl: float = 1e-3, min_top1: float = 0.99) -> dict[str, Any]:
+                  dtype: str = "auto", max_kl: float = 1e-2, min_top1: float = 0.98) -> dict[str, Any]:
     """Compare an existing merged dir with base + adapter; raises :class:`MergeVerificationError` on mismatch."""
     from transformers import AutoModelForCausalLM
 
     model, tok = _load_adapter_model(Path(base_dir), Path(adapter_dir), dtype)
     reference = next_token_logprobs(model, tok, probe_prompts)
+    effect = _adapter_effect(model, tok, probe_prompts, reference)
     del model
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=_torch_dtype(dtype)).to(_device()).eval()
     candidate = next_token_logprobs(merged, tok, probe_prompts)
-    verdict = _judge(compare_distributions(reference, candidate), max_kl, min_top1)
+    verdict = _judge(compare_distributions(reference, candidate), max_kl, min_top1, effect)
     _raise_unless_passed(verdict, Path(merged_dir))
     return verdict
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = "auto",
-                  probe_prompts: list[str], max_kl: float = 1e-3, min_top1: float = 0.99) -> dict[str, Any]:
+                  probe_prompts: list[str], max_kl: float = 1e-2, min_top1: float = 0.98) -> dict[str, Any]:
     """Merge ``adapter_dir`` into the 16-bit ``base_dir``, save it to ``out_dir`` atomically, verify it.
 
     ``probe_prompts`` are full prompt strings (already rendered with the template). Returns the verification
@@ -167,6 +185,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         raise ConfigError(["merge.probe_prompts: need at least one prompt to verify the merge"])
     model, tok = _load_adapter_model(base_dir, adapter_dir, dtype)
     reference = next_token_logprobs(model, tok, probe_prompts)
+    effect = _adapter_effect(model, tok, probe_prompts, reference)
     merged = model.merge_and_unload()
     del model
     with atomic_dir(out_dir) as tmp:
@@ -175,7 +194,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         del merged  # verify what was written, not what is in memory
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=_torch_dtype(dtype)).to(_device()).eval()
         verdict = _judge(compare_distributions(reference, next_token_logprobs(reloaded, tok, probe_prompts)),
-                         max_kl, min_top1)
+                         max_kl, min_top1, effect)
         del reloaded
         verdict.update(base_model=str(base_dir), adapter=str(adapter_dir), dtype=dtype)
         _raise_unless_passed(verdict, out_dir)

@@ -21,12 +21,11 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import ray
-import yaml
 
 from gen_server.process import ServerProcess, free_port
 from pair_builder.__main__ import run
 from shared.config import load_config
-from shared.prompting import DEFAULT_TEMPLATE
+from tests.tiny import write_pair_assets
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -36,9 +35,7 @@ TOPICS = ["rain", "snow", "the sea", "a cat", "a dog", "autumn leaves", "city li
 VERBS = ["Write a haiku about", "Describe", "List three facts about", "Tell a short story about", "Explain the sound of",
          "Give advice about visiting", "Compare two views of", "Write a limerick about", "Summarize a day near"]
 INSTRUCTIONS = [f"{v} {t}." for v in VERBS for t in TOPICS][::5]
-PRINCIPLE = {"id": "short", "description": "d", "critique_request": "Is it good?", "revision_request": "Fix it.",
-             "examples": [{"query": "Say hi.", "answer": "HI", "critique": "Caps. Verdict: NEEDS REVISION",
-                           "revision": "hi"}]}
+
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +47,7 @@ def server(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    d = tmp_path_factory.mktemp("assets")
-    tpl = yaml.safe_load(DEFAULT_TEMPLATE.read_text())
-    tpl["stop"] = ["e", "a", "\n# Query:"]
-    (d / "template.yaml").write_text(yaml.safe_dump(tpl))
-    (d / "principles").mkdir()
-    (d / "principles" / "short.yaml").write_text(yaml.safe_dump(PRINCIPLE))
-    (d / "instructions.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS))
-    return d
+    return write_pair_assets(tmp_path_factory.mktemp("assets"), INSTRUCTIONS)
 
 
 def overrides(server, assets, root, name, *extra):

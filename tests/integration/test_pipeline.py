@@ -10,27 +10,17 @@ import sys
 import pytest
 import yaml
 
-from shared.prompting import DEFAULT_TEMPLATE
+from tests.tiny import write_pair_assets
 
 pytestmark = pytest.mark.integration
 
-# The tiny random model writes random bytes, so (as in test_pair_builder.py) a template that stops at "e",
-# a one-principle constitution and no-constraint instructions under `prefer_rewrite` make pairs survive.
-PRINCIPLE = {"id": "short", "description": "d", "critique_request": "Is it good?", "revision_request": "Fix it.",
-             "examples": [{"query": "Say hi.", "answer": "HI", "critique": "Caps. Verdict: NEEDS REVISION",
-                           "revision": "hi"}]}
 INSTRUCTIONS = [f"{v} {t}." for v in ("Describe", "Write a haiku about", "List facts about")
                 for t in ("rain", "snow", "the sea", "a cat", "a dog", "city lights")]
 
 
 @pytest.fixture
 def tiny_config(tmp_path, tiny_model_dir):
-    tpl = yaml.safe_load(DEFAULT_TEMPLATE.read_text())
-    tpl["stop"] = ["e", "a", "\n# Query:"]
-    (tmp_path / "template.yaml").write_text(yaml.safe_dump(tpl))
-    (tmp_path / "principles").mkdir()
-    (tmp_path / "principles" / "short.yaml").write_text(yaml.safe_dump(PRINCIPLE))
-    (tmp_path / "instructions.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS))
+    write_pair_assets(tmp_path, INSTRUCTIONS)  # the tiny model's random text needs these to keep pairs
     cfg = {
         "run": {"name": "it", "root": str(tmp_path / "runs")},
         "model": {"base": str(tiny_model_dir), "template": str(tmp_path / "template.yaml")},
