@@ -46,8 +46,10 @@ def make_pairs(out: Path, n: int, words: int, seed: int = 0) -> Path:
     return out
 
 
-def run_backend(backend: str, model: str, pairs: Path, root: Path, steps: int) -> dict:
-    overrides = [f"run.root={root}", f"run.name={backend}", f"train.backend={backend}", f"train.base_model={model}",
+def run_backend(backend: str, model: str, pairs: Path, root: Path, steps: int, precompute_ref: bool = False) -> dict:
+    name = backend + ("-ref" if precompute_ref else "")
+    overrides = [f"run.root={root}", f"run.name={name}", f"train.backend={backend}", f"train.base_model={model}",
+                 f"train.precompute_ref_log_probs={str(precompute_ref).lower()}",
                  f"train.pairs_dir={pairs}", "train.lora_r=64", "train.per_device_train_batch_size=2",
                  "train.gradient_accumulation_steps=4", f"train.max_steps={steps}", "train.max_length=2048",
                  "train.save_steps=100000", "train.eval_split=0", "train.report_to=[]",
@@ -56,13 +58,13 @@ def run_backend(backend: str, model: str, pairs: Path, root: Path, steps: int) -
     r = subprocess.run([sys.executable, "-m", "trainer.dpo", *overrides], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        print(f"--- {backend} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}", flush=True)
-        return {"backend": backend, "failed": True}
-    summary = json.loads((root / backend / "round-0" / "adapter" / "train_summary.json").read_text())
+        print(f"--- {name} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}", flush=True)
+        return {"backend": name, "failed": True}
+    summary = json.loads((root / name / "round-0" / "adapter" / "train_summary.json").read_text())
     plan = subprocess.run([sys.executable, "-m", "trainer.plan", *overrides, "--gpu-gib", "80"], capture_output=True,
                           text=True)
     est = re.search(r"peak_gib: ([\d.]+)", plan.stdout)
-    return {"backend": backend, "wall_s": wall, **summary["throughput"], "loss": summary["metrics"].get("loss"),
+    return {"backend": name, "wall_s": wall, **summary["throughput"], "loss": summary["metrics"].get("loss"),
             "plan_peak_gib": float(est.group(1)) if est else None}
 
 
@@ -71,7 +73,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--pairs", type=int, default=112)
     ap.add_argument("--words", type=int, default=300)
-    ap.add_argument("--backends", default="peft,unsloth")
+    ap.add_argument("--backends", default="peft,unsloth", help="comma list; a '+ref' suffix (unsloth+ref) "
+                    "precomputes reference log-probs before training (what pairs scored by the server give)")
     ap.add_argument("--out", default="/tmp/dpo-bench")
     args = ap.parse_args()
     out = Path(args.out)
@@ -79,7 +82,8 @@ def main() -> None:
     steps = args.pairs // 8
     results = []
     for b in args.backends.split(","):
-        res = run_backend(b, args.model, pairs, out / "runs", steps)
+        backend, _, ref = b.partition("+")
+        res = run_backend(backend, args.model, pairs, out / "runs", steps, precompute_ref=ref == "ref")
         results.append(res)
         print(json.dumps(res), flush=True)
     ok = [r for r in results if not r.get("failed")]
@@ -88,10 +92,11 @@ def main() -> None:
         print(f"{r['backend']:>8}: {r['pairs_per_s']:.2f} pairs/s per optimizer step (median {r['step_s_median']:.2f}s "
               f"over {r['steps_timed']} steps), peak {peak} (plan: {r['plan_peak_gib']} GiB), "
               f"process wall {r['wall_s']:.0f}s")
-    if len(ok) == 2 and all(r["peak_vram_gib"] for r in ok):
-        a, b = ok
-        print(f"ratio {b['backend']}/{a['backend']}: {b['pairs_per_s'] / a['pairs_per_s']:.2f}x pairs/s, "
-              f"{b['peak_vram_gib'] / a['peak_vram_gib']:.2f}x peak memory")
+    if len(ok) >= 2 and all(r["peak_vram_gib"] for r in ok):
+        a = ok[0]  # the first backend is the baseline
+        for b in ok[1:]:
+            print(f"ratio {b['backend']}/{a['backend']}: {b['pairs_per_s'] / a['pairs_per_s']:.2f}x pairs/s, "
+                  f"{b['peak_vram_gib'] / a['peak_vram_gib']:.2f}x peak memory")
 
 
 if __name__ == "__main__":
