@@ -157,7 +157,8 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
             if cfg.pipeline.pairs_runner == "ray_job":
                 address = cfg.pairs.ray_address or os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
                 runtime_env = json.dumps({"env_vars": env})
-                cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+                ray_cli = Path(sys.executable).with_name("ray")  # this environment's, whether activated or not
+                cmd = [str(ray_cli) if ray_cli.exists() else "ray", "job", "submit", "--address", address, "--working-dir", ".",
                        "--runtime-env-json", runtime_env, "--", "python", "-m", "pair_builder", *args]
             else:
                 cmd = [sys.executable, "-m", "pair_builder", *args]

@@ -29,6 +29,8 @@ from tests.tiny import write_pair_assets
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
+# the `ray` CLI of the interpreter running the tests (CI calls .venv/bin/python without activating the venv)
+RAY = str(Path(sys.executable).with_name("ray"))
 TOPICS = ["rain", "snow", "the sea", "a cat", "a dog", "autumn leaves", "city lights", "mountains at dawn",
           "a quiet library", "a busy market", "an old bridge", "a lighthouse", "a desert road", "a violin",
           "a garden in spring", "a thunderstorm", "a train station", "a chess game"]
@@ -139,7 +141,7 @@ def ray_head(tmp_path_factory):
     log = tmp_path_factory.mktemp("head") / "head.log"
     with open(log, "wb") as f:
         head = subprocess.Popen(
-            ["ray", "start", "--head", "--block", "--port", str(port), "--dashboard-port", str(dash),
+            [RAY, "start", "--head", "--block", "--port", str(port), "--dashboard-port", str(dash),
              "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--disable-usage-stats", "--temp-dir", str(temp),
              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
              "--min-worker-port", "0", "--max-worker-port", "0"],
@@ -173,7 +175,7 @@ def ray_head(tmp_path_factory):
 def test_ray_job_submit_against_a_head(server, assets, tmp_path, ray_head):
     url, env = ray_head
     args = overrides(server, assets, tmp_path, "j", "pairs.max_pairs=4", "pairs.in_flight_per_server=2")
-    out = subprocess.run(["ray", "job", "submit", "--address", url, "--", sys.executable, "-m", "pair_builder", *args],
+    out = subprocess.run([RAY, "job", "submit", "--address", url, "--", sys.executable, "-m", "pair_builder", *args],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout + out.stderr
