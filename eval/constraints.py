@@ -13,7 +13,6 @@ build training pairs, so the eval measures generalisation, not memorisation.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from eval.ifeval import instruction_class
+from shared.atomic import parse_jsonl_lines
 from shared.records import Constraint, content_hash
 
 SEED_TASKS = Path(__file__).resolve().parent.parent / "constitution" / "seed_tasks.jsonl"
@@ -110,15 +110,9 @@ def render_prompt(task: str, constraints: list[Constraint]) -> str:
 def load_tasks(path: str | os.PathLike[str] | None = None) -> list[dict[str, str]]:
     """Tasks (``id``, ``task``) from a JSONL file; every bad line is reported at once."""
     p = Path(path) if path else SEED_TASKS
-    tasks, problems, seen = [], [], set()
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {n}: not JSON ({e.msg})")
-            continue
+    rows, problems = parse_jsonl_lines(p.read_text(encoding="utf-8"))
+    tasks, seen = [], set()
+    for n, obj in rows:
         if not isinstance(obj, dict) or not isinstance(obj.get("task"), str) or not obj["task"].strip():
             problems.append(f"line {n}: expected an object with a non-empty 'task' string")
             continue

@@ -36,6 +36,7 @@ from typing import Any
 import langdetect
 
 from eval.nltk_setup import ensure_punkt_tab
+from shared.atomic import parse_jsonl_lines
 
 logger = logging.getLogger(__name__)
 
@@ -230,15 +231,8 @@ def _item_problems(obj: Any) -> list[str]:
 def _parse_suite(lines: Sequence[str], source: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     item_lines: list[int] = []
-    problems: list[str] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})")
-            continue
+    rows, problems = parse_jsonl_lines("\n".join(lines))
+    for lineno, obj in rows:
         item_problems = _item_problems(obj)
         problems.extend(f"line {lineno}: {p}" for p in item_problems)
         if not item_problems:

@@ -29,6 +29,7 @@ from datasketch import MinHash, MinHashLSH
 from eval.constraints import load_tasks, make_item, render_prompt, split_of
 from eval.ifeval import instruction_class
 from pair_builder.sample import Usage
+from shared.atomic import parse_jsonl_lines
 from shared.records import Constraint, content_hash
 
 log = logging.getLogger(__name__)
@@ -148,14 +149,8 @@ def file_instructions(path: str | os.PathLike[str]) -> list[Instruction]:
 
         rows = pq.read_table(p).to_pylist()
     else:
-        rows, problems = [], []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    problems.append(f"line {n}: not JSON ({e.msg})")
-                    rows.append(None)
+        parsed, problems = parse_jsonl_lines(p.read_text(encoding="utf-8"))
+        rows = [obj for _, obj in parsed]
         if problems:
             raise ValueError(f"{p}: {len(problems)} bad line(s):\n  " + "\n  ".join(problems))
     out, problems = [], []

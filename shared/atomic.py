@@ -99,6 +99,21 @@ def append_jsonl_many(path: str | os.PathLike[str], records: list[dict[str, Any]
         os.close(fd)
 
 
+def parse_jsonl_lines(text: str) -> tuple[list[tuple[int, Any]], list[str]]:
+    """User-supplied JSONL: ``(line number, value)`` for each non-blank line that parses, and one problem
+    string per line that does not - so a loader can report every bad line at once."""
+    rows: list[tuple[int, Any]] = []
+    problems: list[str] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n}: not valid JSON ({e.msg} at column {e.colno})")
+    return rows, problems
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a JSONL file written by :func:`append_jsonl`; an incomplete last line is ignored."""
     path = Path(path)
