@@ -95,3 +95,28 @@ def test_disagreeing_config_is_rejected_before_anything_starts(tiny_config):
     for needle in ("train.base_model", "train.max_length=64", "pairs.servers"):
         assert needle in r.stderr, r.stderr
     assert not run.exists()
+
+
+def test_demo_config_end_to_end_with_small_numbers(tmp_path):
+    """configs/demo-cpu.yaml itself (the packaged SmolLM2-135M), shrunk: eval subset, a few instructions, two
+    DPO steps. With so few instructions the round may keep no pair; then it must stop saying so."""
+    cfg = yaml.safe_load(open("configs/demo-cpu.yaml"))
+    cfg["run"] = {"name": "demo-small", "root": str(tmp_path / "runs")}
+    cfg["eval"].update(limit=6, max_tokens=64)
+    cfg["pairs"].update(max_instructions=12, max_tokens=96, critique_max_tokens=64, progress=False)
+    cfg["train"].update(max_steps=2, save_steps=1)
+    p = tmp_path / "demo.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    r = _pipeline("run", "--config", str(p), timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "demo-small"
+    state = json.loads((run / "state.json").read_text())
+    assert state["steps"]["round-0/base_check"]["verdict"] == "INSTRUCT"  # allowed by the demo config
+    kept = state["steps"]["round-0/pairs"]["kept"]
+    if kept:
+        assert (run / "round-0" / "merged" / "config.json").exists()
+        assert (run / "round-1" / "eval" / "scores.json").exists()
+        assert state["stopped"]["round"] == 1
+    else:
+        assert state["stopped"]["reason"].startswith("no pairs kept")
+    assert (run / "report.html").exists()
