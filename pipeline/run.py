@@ -109,6 +109,26 @@ def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
     return None
 
 
+def pairs_command(cfg: Config, cfg_path: Path, k: int, server_url: str, api_key: str
+                  ) -> tuple[list[str], dict[str, str]]:
+    """The pair_builder invocation for round k: a child process with its own local Ray, or a `ray job submit`
+    to a cluster. The key never goes on a command line (visible in `ps`): it is in the child's environment, or
+    in the job's runtime env, written to a private (0600) file beside the config."""
+    args = ["--config", str(cfg_path), f"pairs.round={k}", f"pairs.servers=[{server_url}]"]
+    env = {"GEN_SERVER_API_KEY": api_key}
+    if cfg.pipeline.pairs_runner == "inprocess":
+        return [sys.executable, "-m", "pair_builder", *args], env
+    address = cfg.pairs.ray_address or os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
+    ray_cli = Path(sys.executable).with_name("ray")  # this environment's, whether activated or not
+    runtime_env = cfg_path.parent / f".pairs-runtime-env-round-{k}.json"  # JSON is YAML, as --runtime-env wants
+    fd = os.open(runtime_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"env_vars": env}, f)
+    cmd = [str(ray_cli) if ray_cli.exists() else "ray", "job", "submit", "--address", address, "--working-dir", ".",
+           "--runtime-env", str(runtime_env), "--", "python", "-m", "pair_builder", *args]
+    return cmd, {}
+
+
 def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Path) -> tuple[str, str | None] | None:
     """Everything round k needs the server for: base check, eval, stop decision, pairs."""
     from eval.base_check import check as base_check
@@ -152,16 +172,7 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
         if stop is not None:
             return stop
         if not state.done(f"round-{k}/pairs"):
-            args = ["--config", str(cfg_path), f"pairs.round={k}", f"pairs.servers=[{srv.base_url}]"]
-            env = {"GEN_SERVER_API_KEY": srv.api_key}
-            if cfg.pipeline.pairs_runner == "ray_job":
-                address = cfg.pairs.ray_address or os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
-                runtime_env = json.dumps({"env_vars": env})
-                ray_cli = Path(sys.executable).with_name("ray")  # this environment's, whether activated or not
-                cmd = [str(ray_cli) if ray_cli.exists() else "ray", "job", "submit", "--address", address, "--working-dir", ".",
-                       "--runtime-env-json", runtime_env, "--", "python", "-m", "pair_builder", *args]
-            else:
-                cmd = [sys.executable, "-m", "pair_builder", *args]
+            cmd, env = pairs_command(cfg, cfg_path, k, srv.base_url, srv.api_key)
             _stage(cmd, f"round-{k}/pairs", env)
             stats_path = rk.pairs / ".meta" / "stats.json"
             stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
