@@ -101,12 +101,17 @@ def _per_prompt(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in results}
 
 
-def _metric_parts(r: dict[str, Any], metric: str) -> tuple[float, int]:
-    """(numerator, denominator) of one prompt's contribution to ``metric``."""
+def metric_parts(r: dict[str, Any], metric: str) -> tuple[float, int]:
+    """(numerator, denominator) of one prompt's contribution to ``metric`` (from a results.jsonl row)."""
     if metric.startswith("prompt_"):
         return float(r[metric]), 1
     flags = r["follow_strict" if metric.endswith("strict") else "follow_loose"]
     return float(sum(flags)), len(flags)
+
+
+def pooled(parts: list[tuple[float, int]]) -> float:
+    """The metric over a set of prompts: instruction-level metrics pool instructions, not prompt means."""
+    return sum(x for x, _ in parts) / max(1, sum(n for _, n in parts))
 
 
 def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -124,20 +129,16 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: i
     rng = random.Random(seed)
     out: dict[str, Any] = {"n_paired": len(keys), "metrics": {}}
     for m in METRICS:
-        pa = [_metric_parts(a[k], m) for k in keys]
-        pb = [_metric_parts(b[k], m) for k in keys]
-
-        def score(parts: list[tuple[float, int]]) -> float:
-            return sum(x for x, _ in parts) / max(1, sum(n for _, n in parts))
-
-        delta = score(pb) - score(pa)
+        pa = [metric_parts(a[k], m) for k in keys]
+        pb = [metric_parts(b[k], m) for k in keys]
+        delta = pooled(pb) - pooled(pa)
         boots = []
         for _ in range(n_boot):
             idx = [rng.randrange(len(keys)) for _ in keys]
-            boots.append(score([pb[i] for i in idx]) - score([pa[i] for i in idx]))
+            boots.append(pooled([pb[i] for i in idx]) - pooled([pa[i] for i in idx]))
         boots.sort()
         lo, hi = boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
-        out["metrics"][m] = {"a": score(pa), "b": score(pb), "delta": delta, "ci95": [lo, hi],
+        out["metrics"][m] = {"a": pooled(pa), "b": pooled(pb), "delta": delta, "ci95": [lo, hi],
                              "significant": lo > 0 or hi < 0}
     return out
 

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from eval.report import metric_parts, pooled
 from pipeline.state import RunState
 from shared.atomic import atomic_write_text
 from shared.config import Config, dump_config
@@ -35,16 +36,9 @@ def _ci(results_path: Path, metric: str, n_boot: int = 1000, seed: int = 0) -> t
     rows = [json.loads(x) for x in results_path.read_text().splitlines() if x.strip()]
     if not rows:
         return None
-    if metric.startswith("prompt_"):
-        parts = [(float(r[metric]), 1) for r in rows]
-    else:
-        key = "follow_strict" if metric.endswith("strict") else "follow_loose"
-        parts = [(float(sum(r[key])), len(r[key])) for r in rows]
+    parts = [metric_parts(r, metric) for r in rows]
     rng = random.Random(seed)
-    boots = []
-    for _ in range(n_boot):
-        s = [parts[rng.randrange(len(parts))] for _ in parts]
-        boots.append(sum(x for x, _ in s) / max(1, sum(n for _, n in s)))
+    boots = [pooled([parts[rng.randrange(len(parts))] for _ in parts]) for _ in range(n_boot)]
     boots.sort()
     return boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
 

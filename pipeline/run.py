@@ -102,8 +102,9 @@ def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
             best = this_model if gain >= 0 else str(model_of_round(cfg, rd, k - 1))
             return (f"plateau: {ev.gate_metric} gained {gain:+.4f} over round {k - 1} "
                     f"(< pipeline.min_gain={cfg.pipeline.min_gain})", best)
-    if cfg.cost.budget_usd is not None and _spent(rd) >= cfg.cost.budget_usd:
-        return f"budget spent: ${_spent(rd):.2f} >= cost.budget_usd=${cfg.cost.budget_usd:.2f}", this_model
+    spent = _spent(rd) if cfg.cost.budget_usd is not None else 0.0  # reads every round's ledger: once
+    if cfg.cost.budget_usd is not None and spent >= cfg.cost.budget_usd:
+        return f"budget spent: ${spent:.2f} >= cost.budget_usd=${cfg.cost.budget_usd:.2f}", this_model
     if k >= cfg.pipeline.rounds:
         return f"max rounds: {cfg.pipeline.rounds} round(s) trained", this_model
     return None
