@@ -11,14 +11,15 @@ sampling defaults and behaviour together. Reads JSON files only (no torch), so i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from shared.modeldir import eos_token, read_json, token_str
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +41,14 @@ class Evidence:
         return self.weight if self.points_to == "INSTRUCT" else -self.weight
 
 
-def _read_json(p: Path) -> dict[str, Any]:
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _token_str(tok: Any) -> str | None:
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok if isinstance(tok, str) else None
-
-
 def file_evidence(model_dir: str | os.PathLike[str]) -> list[Evidence]:
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} has no config.json: pass a Hugging Face model directory")
-    config = _read_json(d / "config.json")
-    tok_cfg = _read_json(d / "tokenizer_config.json")
-    gen_cfg = _read_json(d / "generation_config.json")
-    manifest = _read_json(d / "selfalign_model.json")
+    config = read_json(d / "config.json")
+    tok_cfg = read_json(d / "tokenizer_config.json")
+    gen_cfg = read_json(d / "generation_config.json")
+    manifest = read_json(d / "selfalign_model.json")
     ev: list[Evidence] = []
 
     names = [d.resolve().name, str(config.get("_name_or_path", "")), str(manifest.get("source", ""))]
@@ -79,7 +67,7 @@ def file_evidence(model_dir: str | os.PathLike[str]) -> list[Evidence]:
     else:
         ev.append(Evidence("BASE", 1, "tokenizer has no chat template"))
 
-    eos = _token_str(tok_cfg.get("eos_token"))
+    eos = token_str(tok_cfg.get("eos_token"))
     if eos in _TURN_END_TOKENS:
         ev.append(Evidence("INSTRUCT", 1, f"tokenizer eos is the end-of-turn token {eos!r}"))
     elif eos in _DOC_END_TOKENS:
@@ -111,9 +99,7 @@ def probe_evidence(base_url: str, api_key: str | None, model: str | None, model_
     elif text.strip():
         ev.append(Evidence("BASE", 1, f"continues raw text as a document: {text[:60]!r}"))
 
-    tok_cfg = _read_json(model_dir / "tokenizer_config.json")
-    eos = _token_str(tok_cfg.get("eos_token"))
-    if eos in {"<|im_end|>"}:
+    if eos_token(model_dir) == "<|im_end|>":
         prompt = ("<|im_start|>user\nReply with exactly one word: banana<|im_end|>\n<|im_start|>assistant\n")
         r = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0.0)
         ans, fin = r.choices[0].text.strip().lower(), r.choices[0].finish_reason

@@ -33,7 +33,7 @@ from pair_builder.actors import Job, run_jobs, start_workers
 from pair_builder.build import BuildSettings, item_id, principle_for
 from pair_builder.report import write_report
 from pair_builder.sample import SamplingSettings
-from pair_builder.settings import check_config, connect, tokenizer_eos
+from pair_builder.settings import check_config, connect
 from pair_builder.sources import (
     Instruction,
     constrain_tasks,
@@ -50,6 +50,7 @@ from shared.client import ServerUnavailable
 from shared.config import Config, ConfigError, add_config_args, config_from_args
 from shared.ledger import CostLedger
 from shared.log import setup_logging
+from shared.modeldir import eos_token
 from shared.records import content_hash
 from shared.rundir import RunDir
 
@@ -172,7 +173,7 @@ def run(cfg: Config) -> int:
     checked = check_config(cfg)
     served = connect(checked.servers, checked.api_key, model=p.model, revision=p.model_revision,
                      health_timeout=p.health_timeout_s, probe_logprobs=p.ref_logprobs)
-    eos = p.eos_token or tokenizer_eos(served.root)
+    eos = p.eos_token or eos_token(served.root)
     if p.ref_logprobs and eos is None:
         raise ConfigError([f"pairs.eos_token: the served model dir {served.root} is not readable here, so its eos "
                            f"token is unknown; set pairs.eos_token (e.g. '<|endoftext|>') or pairs.ref_logprobs=false"])

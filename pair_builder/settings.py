@@ -8,12 +8,10 @@ log-probs) so an unreachable or mismatched server fails in seconds with a messag
 
 from __future__ import annotations
 
-import json
 
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlparse
 
 from pair_builder.constitution import Constitution, ConstitutionError, load_constitution
@@ -100,16 +98,6 @@ class ServedModel:
     name: str
     revision: str
     root: str
-
-
-def tokenizer_eos(model_dir: str) -> str | None:
-    """The eos token string from a model dir's tokenizer_config.json, or None when it is not readable here."""
-    p = Path(model_dir) / "tokenizer_config.json"
-    try:
-        tok = json.loads(p.read_text(encoding="utf-8")).get("eos_token")
-    except (OSError, json.JSONDecodeError):
-        return None
-    return tok.get("content") if isinstance(tok, dict) else tok
 
 
 def connect(urls: list[str], api_key: str | None, *, model: str | None, revision: str | None,

