@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="only the first N prompts")
     ap.add_argument("--prompt-style", choices=["base", "chat"])
     ap.add_argument("--max-tokens", type=int)
-    ap.add_argument("--concurrency", type=int)
+    ap.add_argument("--concurrency", type=int, help="prompts in flight (default: eval.concurrency)")
+    ap.add_argument("--prompts-per-request", type=int, help="completion prompts per request, 1 = one each "
+                    "(default: eval.prompts_per_request)")
     ap.add_argument("--out", help="output dir (default: runs/<name>/round-<k>/eval)")
     ap.add_argument("--round", type=int, default=0, help="round whose eval dir is the default --out")
     ap.add_argument("--gate", type=float, nargs="?", const=-1.0,
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             suite=args.suite or ev.suite, out_dir=out, limit=args.limit or ev.limit, settings=settings,
             template=load_template(cfg.model.template), concurrency=args.concurrency or ev.concurrency,
             timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries,
+            prompts_per_request=args.prompts_per_request or ev.prompts_per_request,
         )
     except (EvalError, ServerUnavailable, PermissionError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

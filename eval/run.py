@@ -1,10 +1,10 @@
 """Run an instruction-following eval against a generation server and score it.
 
 Each prompt goes through the shared OpenAI client - base style: the few-shot base-model template via
-``/v1/completions`` with its stop strings; chat style: ``/v1/chat/completions`` - with bounded
-concurrency and a progress bar. Responses are cached in ``OUT/responses.jsonl`` keyed by a hash of the
-exact request, so an interrupted eval resumes where it stopped; a cache made for another suite, model or
-setting is refused rather than mixed in.
+``/v1/completions`` with its stop strings, up to ``prompts_per_request`` prompts per request; chat style:
+``/v1/chat/completions``, one per request - with bounded concurrency and a progress bar. Responses are
+cached in ``OUT/responses.jsonl`` keyed by a hash of the exact request, so an interrupted eval resumes
+where it stopped; a cache made for another suite, model or setting is refused rather than mixed in.
 
 Outputs in OUT: ``scores.json`` (prompt/instruction x strict/loose, n_prompts, per-instruction
 breakdown, timing), ``results.jsonl`` (per-prompt follow flags, for paired comparisons), ``report.md``
@@ -123,11 +123,13 @@ class ResponseCache:
         self._pending: list[dict[str, Any]] = []
         self._flushed = time.monotonic()
 
-    def add(self, entry: dict[str, Any]) -> None:
-        """Record a response; written in batches (one fsync per ~second), so a crash loses at most the last
-        second of responses - which a resumed eval simply asks for again."""
-        self.entries[entry["request_key"]] = entry
-        self._pending.append(entry)
+    def add(self, *entries: dict[str, Any]) -> None:
+        """Record responses; written in batches (one fsync per ~second), so a crash loses at most the last
+        second of responses - which a resumed eval simply asks for again. Entries added together are written
+        together."""
+        for entry in entries:
+            self.entries[entry["request_key"]] = entry
+        self._pending.extend(entries)
         if len(self._pending) >= 256 or time.monotonic() - self._flushed > 1.0:
             self.flush()
 
@@ -139,39 +141,66 @@ class ResponseCache:
 
 async def _fetch_all(
     items: list[dict[str, Any]], reqs: list[dict[str, Any]], cache: ResponseCache, *, base_url: str,
-    api_key: str | None, concurrency: int, timeout: float, max_retries: int,
+    api_key: str | None, concurrency: int, timeout: float, max_retries: int, prompts_per_request: int = 8,
 ) -> None:
+    """Ask the server for every uncached request. Completions whose bodies differ only in ``prompt`` share one
+    request of up to ``prompts_per_request`` prompts (``prompt=[...]``; choice i answers prompt i); chat goes one
+    per request. At most ``concurrency`` prompts are in flight, however they are batched."""
     client = make_client(base_url, api_key, timeout=timeout, max_retries=max_retries, asynchronous=True)
-    sem = asyncio.Semaphore(concurrency)
-    todo = [(it, r) for it, r in zip(items, reqs) if r["request_key"] not in cache.entries]
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="prompt")
+    # Prompt slots; a batch takes all of its slots under `take`, so two batches never each hold part and wait.
+    slots, take = asyncio.Semaphore(concurrency), asyncio.Lock()
+    todo = {r["request_key"]: (it, r) for it, r in zip(items, reqs) if r["request_key"] not in cache.entries}
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for it, r in todo.values():
+        shared = {k: v for k, v in r.items() if k not in ("prompt", "request_key")}
+        groups.setdefault(json.dumps(shared, sort_keys=True) if r["endpoint"] == "completions" else r["request_key"],
+                          []).append((it, r))
+    size = max(1, min(prompts_per_request, concurrency))
+    batches = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+    n_keys = len({r["request_key"] for r in reqs})
+    bar = tqdm(total=n_keys, initial=n_keys - len(todo), desc="eval", unit="prompt")
 
-    async def one(item: dict[str, Any], req: dict[str, Any]) -> None:
+    async def one(batch: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        (item, req), n = batch[0], len(batch)
         body = {k: v for k, v in req.items() if k not in ("endpoint", "request_key")}
-        async with sem:
+        if n > 1:
+            body["prompt"] = [r["prompt"] for _, r in batch]
+        async with take:
+            for _ in batch:
+                await slots.acquire()
+        try:
             t0 = time.perf_counter()
-            try:
-                if req["endpoint"] == "completions":
-                    resp = await client.completions.create(**body)
-                    text = resp.choices[0].text
-                else:
-                    resp = await client.chat.completions.create(**body)
-                    text = resp.choices[0].message.content or ""
-            except openai.BadRequestError as e:  # not retryable: the request itself is wrong for this server
-                raise EvalError(f"the server rejected prompt {item['key']!r}: {e.message}. Lower --max-tokens, "
-                                f"or serve with a longer --max-model-len.") from None
+            if req["endpoint"] == "completions":
+                resp = await client.completions.create(**body)
+                outs = [(c.text, c.finish_reason) for c in sorted(resp.choices, key=lambda c: c.index)]
+            else:
+                resp = await client.chat.completions.create(**body)
+                outs = [(resp.choices[0].message.content or "", resp.choices[0].finish_reason)]
             latency = time.perf_counter() - t0
-        usage = resp.usage
-        cache.add({
-            "request_key": req["request_key"], "key": item["key"], "response": text,
-            "finish_reason": resp.choices[0].finish_reason, "latency_s": round(latency, 4),
-            "prompt_tokens": usage.prompt_tokens if usage else None,
-            "completion_tokens": usage.completion_tokens if usage else None,
-        })
-        bar.update(1)
+        except openai.BadRequestError as e:  # not retryable: the request itself is wrong for this server
+            what = f"prompt {item['key']!r}" if n == 1 else f"a request of {n} prompts (the first {item['key']!r})"
+            raise EvalError(f"the server rejected {what}: {e.message}. Lower --max-tokens, or serve with a longer "
+                            f"--max-model-len{'' if n == 1 else ', or pass --prompts-per-request 1'}.") from None
+        finally:
+            for _ in batch:
+                slots.release()
+        if len(outs) != n:
+            raise EvalError(f"the server answered {len(outs)} choices to {n} prompts from {item['key']!r}; "
+                            f"pass --prompts-per-request 1 for a server without list prompts")
+        # `usage` covers the whole request: its first prompt's entry holds the request's tokens, the others 0, and
+        # every entry says the request's size in `batch` - so sums over the cache stay exact (a batch's entries
+        # are added, and written, together). latency_s is the request's.
+        u = resp.usage
+        cache.add(*({
+            "request_key": r["request_key"], "key": it["key"], "response": text, "finish_reason": finish,
+            "latency_s": round(latency, 4), "batch": n,
+            "prompt_tokens": (u.prompt_tokens if i == 0 else 0) if u else None,
+            "completion_tokens": (u.completion_tokens if i == 0 else 0) if u else None,
+        } for i, ((it, r), (text, finish)) in enumerate(zip(batch, outs))))
+        bar.update(n)
 
     try:
-        await asyncio.gather(*(one(it, r) for it, r in todo))
+        await asyncio.gather(*(one(b) for b in batches))
     finally:
         cache.flush()
         bar.close()
@@ -182,11 +211,17 @@ def run_eval(
     *, base_url: str, model: str | None, api_key: str | None, suite: str = "own", out_dir: str | os.PathLike[str],
     limit: int | None = None, settings: EvalSettings = EvalSettings(), template: BaseTemplate | None = None,
     concurrency: int = 16, timeout: float = 600.0, max_retries: int = 6, health_timeout: float = 30.0,
+    prompts_per_request: int = 8,
 ) -> dict[str, Any]:
-    """Generate (or reuse cached) responses for a suite, score them, write scores/results/report."""
+    """Generate (or reuse cached) responses for a suite, score them, write scores/results/report.
+
+    ``prompts_per_request``: completion prompts sent per HTTP request (1 = one each); greedy results do not
+    depend on it, so a cache made with one value serves another."""
     from eval import ifeval
     from eval.report import write_report
 
+    if prompts_per_request < 1:
+        raise EvalError(f"prompts_per_request must be >= 1, got {prompts_per_request}")
     out = Path(out_dir)
     name, items = load_suite(suite, limit)  # validate input before touching the server
     tpl = template or load_template()
@@ -207,7 +242,7 @@ def run_eval(
         reqs.append(req)
     t0 = time.perf_counter()
     asyncio.run(_fetch_all(items, reqs, cache, base_url=base_url, api_key=api_key, concurrency=concurrency,
-                           timeout=timeout, max_retries=max_retries))
+                           timeout=timeout, max_retries=max_retries, prompts_per_request=prompts_per_request))
     gen_wall = time.perf_counter() - t0
     results = []
     for it, req in zip(items, reqs):
@@ -220,7 +255,8 @@ def run_eval(
     scores.update({
         "suite": name, "model": model, "settings": asdict(settings),
         "truncated": sum(e["finish_reason"] == "length" for e in entries),
-        "completion_tokens": sum(e["completion_tokens"] or 0 for e in entries),
+        # once per distinct request: a batch's tokens sit on one of its entries (see _fetch_all)
+        "completion_tokens": sum(e["completion_tokens"] or 0 for e in {e["request_key"]: e for e in entries}.values()),
         "generation_wall_s": round(gen_wall, 3),
     })
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in results))

@@ -164,7 +164,8 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
                     limit=ev.limit, settings=EvalSettings(prompt_style=ev.prompt_style, max_tokens=ev.max_tokens,
                                                           temperature=ev.temperature),
                     template=load_template(cfg.model.template), concurrency=ev.concurrency,
-                    timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries)
+                    prompts_per_request=ev.prompts_per_request, timeout=cfg.client.timeout_s,
+                    max_retries=cfg.client.max_retries)
                 st.add(completion_tokens=scores["completion_tokens"], prompts=scores["n_prompts"])
             log.info("round %d eval: %s=%.4f", k, ev.gate_metric, scores[ev.gate_metric])
             _mark(state, f"round-{k}/eval", **{m: scores[m] for m in ("prompt_strict", "prompt_loose",

@@ -1,0 +1,119 @@
+"""eval.run._fetch_all batching against a fake async client: grouping, chunking, the in-flight prompt bound,
+choice order by index, exact usage totals, chat one per request, BadRequest naming the batch's first prompt."""
+
+import asyncio
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from eval import run
+from eval.run import EvalError, EvalSettings, ResponseCache, _fetch_all, _request, _request_key
+from shared.prompting import load_template
+
+
+class FakeClient:
+    """Answers each prompt with ``echo:<prompt>``; 3 completion tokens per prompt, 10 prompt tokens."""
+
+    def __init__(self, reject: bool = False) -> None:
+        self.calls: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self.reject = reject
+        self.completions = SimpleNamespace(create=self._completions)
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._chat))
+
+    async def _serve(self, body: dict, prompts: list[str], choice) -> SimpleNamespace:
+        self.calls.append(body)
+        self.in_flight += len(prompts)
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await asyncio.sleep(0.01)
+        self.in_flight -= len(prompts)
+        if self.reject:
+            response = httpx.Response(400, request=httpx.Request("POST", "http://x"))
+            raise openai.BadRequestError("too long", response=response, body=None)
+        choices = [choice(i, p) for i, p in enumerate(prompts)][::-1]  # out of order: the client sorts by index
+        n = len(prompts)
+        return SimpleNamespace(choices=choices, usage=SimpleNamespace(prompt_tokens=10 * n, completion_tokens=3 * n))
+
+    async def _completions(self, **body) -> SimpleNamespace:
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        return await self._serve(body, prompts, lambda i, p: SimpleNamespace(index=i, text=f"echo:{p}",
+                                                                             finish_reason="stop"))
+
+    async def _chat(self, **body) -> SimpleNamespace:
+        return await self._serve(body, [body["messages"][0]["content"]], lambda i, p: SimpleNamespace(
+            index=i, message=SimpleNamespace(content=f"echo:{p}"), finish_reason="stop"))
+
+    async def close(self) -> None:
+        pass
+
+
+def _fetch(tmp_path, monkeypatch, n_items: int, *, style: str = "base", concurrency: int = 16, ppr: int = 8,
+           client: FakeClient | None = None, max_tokens=None) -> tuple[FakeClient, ResponseCache, list[dict]]:
+    client = client or FakeClient()
+    monkeypatch.setattr(run, "make_client", lambda *a, **k: client)
+    tpl = load_template()
+    items = [{"key": f"k{i}", "prompt": f"p{i}"} for i in range(n_items)]
+    reqs = []
+    for i, it in enumerate(items):
+        s = EvalSettings(prompt_style=style, max_tokens=max_tokens[i] if max_tokens else 16)
+        req = _request(it, "m", s, tpl)
+        req["request_key"] = _request_key(req)
+        reqs.append(req)
+    cache = ResponseCache(tmp_path, {"t": 1})
+    asyncio.run(_fetch_all(items, reqs, cache, base_url="http://x", api_key=None, concurrency=concurrency,
+                           timeout=1, max_retries=0, prompts_per_request=ppr))
+    return client, cache, reqs
+
+
+def test_batches_keep_order_bound_and_exact_usage(tmp_path, monkeypatch):
+    client, cache, reqs = _fetch(tmp_path, monkeypatch, 21, concurrency=12, ppr=8)
+    assert sorted(len(c["prompt"]) if isinstance(c["prompt"], list) else 1 for c in client.calls) == [5, 8, 8]
+    assert client.max_in_flight <= 12
+    tpl = load_template()
+    for i, r in enumerate(reqs):
+        assert cache.entries[r["request_key"]]["response"] == f"echo:{tpl.render(f'p{i}')}"
+        assert cache.entries[r["request_key"]]["key"] == f"k{i}"
+    entries = list(cache.entries.values())
+    assert sum(e["completion_tokens"] for e in entries) == 3 * 21 and sum(e["prompt_tokens"] for e in entries) == 210
+    assert sorted(e["batch"] for e in entries) == [5] * 5 + [8] * 16
+    on_disk = (tmp_path / "responses.jsonl").read_text().splitlines()
+    assert len(on_disk) == 21
+
+
+def test_only_identical_bodies_share_a_request_and_concurrency_caps_the_batch(tmp_path, monkeypatch):
+    client, cache, _ = _fetch(tmp_path, monkeypatch, 6, ppr=8, max_tokens=[16, 16, 16, 32, 32, 16])
+    assert sorted(len(c["prompt"]) for c in client.calls) == [2, 4]
+    assert {c["max_tokens"] for c in client.calls if len(c["prompt"]) == 2} == {32}
+    client, _, _ = _fetch(tmp_path / "b", monkeypatch, 5, ppr=8, concurrency=2)
+    assert client.max_in_flight <= 2 and len(client.calls) == 3
+
+
+def test_one_per_request_is_todays_body(tmp_path, monkeypatch):
+    client, cache, _ = _fetch(tmp_path, monkeypatch, 3, ppr=1)
+    assert [isinstance(c["prompt"], str) for c in client.calls] == [True] * 3
+    assert {e["batch"] for e in cache.entries.values()} == {1}
+    assert sum(e["completion_tokens"] for e in cache.entries.values()) == 9
+
+
+def test_chat_is_one_prompt_per_request(tmp_path, monkeypatch):
+    client, cache, _ = _fetch(tmp_path, monkeypatch, 4, style="chat", ppr=8)
+    assert len(client.calls) == 4 and all("prompt" not in c for c in client.calls)
+    assert sorted(e["response"] for e in cache.entries.values()) == [f"echo:p{i}" for i in range(4)]
+
+
+def test_bad_request_names_the_first_prompt_of_the_batch(tmp_path, monkeypatch):
+    with pytest.raises(EvalError, match=r"rejected a request of 3 prompts \(the first 'k0'\).*--prompts-per-request 1"):
+        _fetch(tmp_path, monkeypatch, 3, client=FakeClient(reject=True))
+    with pytest.raises(EvalError, match=r"rejected prompt 'k0': too long"):
+        _fetch(tmp_path / "b", monkeypatch, 1, client=FakeClient(reject=True))
+
+
+def test_config_field():
+    from shared.config import ConfigError, load_config
+
+    assert load_config().eval.prompts_per_request == 8
+    assert load_config(None, ["eval.prompts_per_request=1"]).eval.prompts_per_request == 1
+    with pytest.raises(ConfigError, match="eval.prompts_per_request"):
+        load_config(None, ["eval.prompts_per_request=0"])
