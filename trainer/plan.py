@@ -13,11 +13,18 @@ The model (an estimate, to be checked against measured peaks on the GPU):
                states (AdamW: 8 B/param, 8-bit AdamW: 2 B/param)
   activations  DPO runs chosen and rejected together (2 x batch sequences). With gradient checkpointing:
                each layer's bf16 input is kept, plus one layer recomputed at a time; without: every layer's
-  logits       TRL's chunked log-prob kernel: a 4096-token x 32768-vocab bf16 tile for forward and backward
-               instead of the full [tokens, vocab] logits
+  logits       unsloth: a chunked kernel (a 4096-token x 32768-vocab bf16 tile for forward and backward);
+               peft (TRL + PEFT): the full [tokens, vocab] logits, ~12 B per entry (bf16 logits and their
+               grad, fp32 log-softmax and its grad)
   reference    the reference pass (no grad, one layer live at a time); 0 when the pairs carry ref logps
                or they are precomputed. It runs before the policy pass, so the peak takes the larger of the two.
   overhead     CUDA context + allocator fragmentation: 1 GiB + 8% of the rest
+
+Checked on an H200 (docs/benchmarks.md) with random-weight Qwen2.5 shapes, estimate at the longest row vs
+measured peak: 7B batch 2 x 534 tokens 8.3 vs 7.5 (unsloth) and 9.1 vs 7.6 (peft); 14B batch 2 x 533 14.1
+vs 13.6 (unsloth); 7B batch 8 x 1434 tokens 15.5 vs 13.3 (unsloth) and 28.6 vs 25.7 GiB (peft): 3-19% over,
+never under. Before the peft logits term it said 15.5 for the last: the full logits are what make the plain
+stack need ~2x Unsloth's memory at long batches.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 NF4_BITS = 4.127  # 4-bit weights + double-quantized absmax scales per 64-weight block
 BATCHES = (1, 2, 4, 8)
-LOGIT_TILE_BYTES = 2 * 4096 * 32768 * 2  # forward + backward bf16 tile of TRL's chunked log-prob kernel
+LOGIT_TILE_BYTES = 2 * 4096 * 32768 * 2  # forward + backward bf16 tile of a chunked log-prob kernel
+FULL_LOGIT_BYTES = 2 + 2 + 4 + 4  # per [token, vocab] entry when the logits are materialized (peft backend)
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,8 @@ KNOWN_SHAPES = {
 
 
 def estimate(shape: ModelShape, *, batch: int, seq_len: int, lora_r: int, target_modules: list[str], bits: int,
-             gradient_checkpointing: bool, reference_pass: bool, optim: str) -> dict[str, float]:
+             gradient_checkpointing: bool, reference_pass: bool, optim: str,
+             backend: str = "unsloth") -> dict[str, float]:
     """Every term of the peak, in GiB, plus ``peak_gib``."""
     dims = shape.module_dims()
     linear = shape.layers * sum(i * o for i, o in dims.values())
@@ -96,8 +105,12 @@ def estimate(shape: ModelShape, *, batch: int, seq_len: int, lora_r: int, target
         act_bytes = shape.layers * tokens * shape.hidden * 2 + per_layer
     else:
         act_bytes = shape.layers * per_layer
-    logits_bytes = LOGIT_TILE_BYTES + tokens * 7 * 4  # tile + per-token fp32 softmax statistics
-    ref_bytes = (per_layer + logits_bytes) if reference_pass else 0.0
+    if backend == "peft":  # full logits: bf16 + grad, fp32 log-softmax + grad
+        logits_bytes = tokens * shape.vocab * FULL_LOGIT_BYTES
+        ref_logits = tokens * shape.vocab * (2 + 4)  # no grad
+    else:
+        logits_bytes = ref_logits = LOGIT_TILE_BYTES + tokens * 7 * 4  # tile + per-token fp32 softmax statistics
+    ref_bytes = (per_layer + ref_logits) if reference_pass else 0.0
 
     fixed = weight_bytes + lora_bytes
     body = fixed + max(act_bytes + logits_bytes, ref_bytes)
@@ -114,11 +127,21 @@ def estimate(shape: ModelShape, *, batch: int, seq_len: int, lora_r: int, target
     return terms
 
 
+def planned_backend(requested: str) -> str:
+    """The backend the estimate assumes: ``auto`` -> unsloth where it is installed, else peft (what would run)."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    return "unsloth" if importlib.util.find_spec("unsloth") is not None else "peft"
+
+
 def _estimate_for(cfg: Config, shape: ModelShape, batch: int, on_gpu: bool = True) -> dict[str, float]:
     t = cfg.train
     return estimate(shape, batch=batch, seq_len=t.max_length, lora_r=t.lora_r, target_modules=list(t.target_modules),
                     bits=4 if (t.load_in_4bit and on_gpu) else 16, gradient_checkpointing=t.gradient_checkpointing,
-                    reference_pass=not t.precompute_ref_log_probs, optim=t.optim)
+                    reference_pass=not t.precompute_ref_log_probs, optim=t.optim,
+                    backend=planned_backend(t.backend))
 
 
 def largest_fitting_batch(cfg: Config, base_model: Path | None = None, *, gpu_gib: float,
@@ -180,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     t = cfg.train
     print(f"model: {source} (hidden {shape.hidden}, layers {shape.layers}, intermediate {shape.intermediate}, "
           f"heads {shape.heads}/{shape.kv_heads} kv, vocab {shape.vocab})")
-    print(f"setting: batch {batch} x accum {t.gradient_accumulation_steps}, max_length {t.max_length}, "
+    print(f"setting: {planned_backend(t.backend)} backend, batch {batch} x accum {t.gradient_accumulation_steps}, "
+          f"max_length {t.max_length}, "
           f"{'4-bit' if t.load_in_4bit else '16-bit'} base, LoRA r={t.lora_r} on {len(t.target_modules)} modules, "
           f"checkpointing {'on' if t.gradient_checkpointing else 'off'}, optim {t.optim}, GPU {gpu_gib:.0f} GiB")
     for k, v in terms.items():

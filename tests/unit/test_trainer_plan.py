@@ -42,3 +42,26 @@ def test_does_not_fit_on_a_small_gpu(capsys):
 def test_shape_from_config(tiny_model_dir):
     shape = ModelShape.from_config(tiny_model_dir / "config.json")
     assert shape.hidden == 32 and shape.tied_embeddings
+
+
+def test_peft_backend_pays_for_full_logits():
+    """Measured on an H200 (7B shape, 49k vocab, batch 8 x 1434 tokens): peft 25.7 GiB, unsloth 13.3 GiB."""
+    s7 = ModelShape(hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, vocab=49152)
+    peft = _est(s7, batch=8, seq_len=1434, backend="peft")
+    unsloth = _est(s7, batch=8, seq_len=1434, backend="unsloth")
+    assert 25.7 <= peft["peak_gib"] < 25.7 * 1.25
+    assert 13.3 <= unsloth["peak_gib"] < 13.3 * 1.25
+    # the gap is the materialized [tokens, vocab] logits: it grows with the vocabulary
+    big_vocab = ModelShape(hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, vocab=152064)
+    assert (_est(big_vocab, batch=8, seq_len=1434, backend="peft")["logits_gib"]
+            > 3 * peft["logits_gib"] > 30 * unsloth["logits_gib"])
+
+
+def test_auto_backend_plans_for_what_would_run(monkeypatch):
+    import importlib.util
+
+    from trainer.plan import planned_backend
+
+    assert planned_backend("peft") == "peft" and planned_backend("unsloth") == "unsloth"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert planned_backend("auto") == "peft"
