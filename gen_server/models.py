@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.atomic import atomic_dir, atomic_write_json
+from shared.modeldir import read_json
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,7 @@ def _expected_manifest(spec: PackagedModel) -> dict[str, object]:
 
 
 def _is_current(out_dir: Path, expected: dict[str, object]) -> bool:
-    try:
-        manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+    manifest = read_json(out_dir / MANIFEST_NAME)  # {} when missing or torn: not current
     # Only the keys that identify the build decide reuse; timing info in the manifest does not.
     return all(manifest.get(k) == v for k, v in expected.items()) and (out_dir / "config.json").is_file()
 
