@@ -5,7 +5,9 @@
     python -m eval compare runs/x/round-0/eval runs/x/round-1/eval
 
 Suites: ``ifeval`` (the 541 official prompts, from an installed package), ``own`` (the project's generated
-prompts, held-out split), or a JSONL file of IFEval-format items. ``--gate X`` exits 1 when the gate metric
+prompts, held-out split), or a JSONL file of IFEval-format items. Beside the four IFEval metrics every eval
+reports degeneration (truncation, loops, length, unrequested habits) and the score on the held-out
+instruction types (``eval.heldout_types``), and so does ``compare``. ``--gate X`` exits 1 when the gate metric
 (default prompt_loose) is below X. The API key can also come from GEN_SERVER_API_KEY.
 """
 
@@ -29,9 +31,14 @@ def _compare(argv: list[str]) -> int:
     ap.add_argument("a", help="eval dir of the baseline (has results.jsonl)")
     ap.add_argument("b", help="eval dir to compare against it")
     ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--heldout-types", help="comma-separated instruction ids scored on their own "
+                    "(default: those A was evaluated with)")
+    ap.add_argument("--long-words", type=int, help="the long-answer habit's threshold in words (default: A's)")
     args = ap.parse_args(argv)
+    types = [t.strip() for t in args.heldout_types.split(",") if t.strip()] if args.heldout_types is not None else None
     try:
-        print(format_compare(compare(args.a, args.b, n_boot=args.n_boot), args.a, args.b))
+        print(format_compare(compare(args.a, args.b, n_boot=args.n_boot, heldout_types=types,
+                                     long_words=args.long_words), args.a, args.b))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             template=load_template(cfg.model.template), concurrency=args.concurrency or ev.concurrency,
             timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries,
             prompts_per_request=args.prompts_per_request or ev.prompts_per_request,
+            heldout_types=ev.heldout_types, long_words=ev.long_answer_words,
         )
     except (EvalError, ServerUnavailable, PermissionError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -91,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     metric = args.gate_metric or ev.gate_metric
     print(f"{scores['suite']}: {scores['n_prompts']} prompts  " + "  ".join(
         f"{m}={scores[m]:.4f}" for m in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")))
+    deg, held = scores.get("degeneration"), scores["heldout"]
+    if deg:
+        print(f"degeneration: truncated={deg['truncation_rate']:.3f} looping={deg['loop_rate']:.3f} "
+              f"median_words={deg['words_median']:.0f} " + " ".join(
+                  f"{h}={v['rate']:.3f}" for h, v in deg["habits"].items() if v["rate"] is not None))
+    if held["n_instructions"]:
+        print(f"held-out types: {held['n_instructions']} instructions, strict={held['strict']:.4f} "
+              f"loose={held['loose']:.4f}")
     print(f"wrote {out}/scores.json, report.md")
     gate = ev.target if args.gate == -1.0 else args.gate
     if gate is not None and scores[metric] < gate:

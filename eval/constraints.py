@@ -7,7 +7,9 @@ never two that conflict (lm-eval's conflict table, made symmetric). The constrai
 scores. Everything is seeded: the same (seed, task) always gives the same prompt.
 
 Tasks are split by a hash of their id: the ``heldout`` split (the ``own`` eval suite) is never used to
-build training pairs, so the eval measures generalisation, not memorisation.
+build training pairs, so the eval measures generalisation, not memorisation. Likewise whole instruction
+*types* can be held out (``exclude``; ``eval.heldout_types``): pair building never draws them, while the
+``own`` suite still does, so every eval can score instructions the model was never trained on.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -82,12 +84,33 @@ def conflicts() -> dict[str, frozenset[str]]:
     return {k: frozenset(v) for k, v in table.items()}
 
 
-def sample_constraints(rng: random.Random, k: int) -> list[Constraint]:
-    """Up to ``k`` mutually compatible constraints (fewer only if the table leaves no compatible id)."""
+def check_heldout_types(ids: Collection[str]) -> list[str]:
+    """Problems with a held-out type list (empty = fine): unknown IFEval ids, or nothing left to draw."""
+    from eval.ifeval import INSTRUCTION_IDS
+
+    problems = [f"{i!r} is not an IFEval instruction id (known: {', '.join(INSTRUCTION_IDS)})"
+                for i in ids if i not in INSTRUCTION_IDS]
+    if set(GENERATED_IDS) <= set(ids):
+        problems.append("every instruction type the constraint generator draws is held out: nothing left to train on")
+    return problems
+
+
+def drawable_ids(exclude: Collection[str] = ()) -> tuple[str, ...]:
+    """The generator's ids minus ``exclude`` (unknown ids in ``exclude`` are an error)."""
+    problems = check_heldout_types(exclude) if exclude else []
+    if problems:
+        raise ValueError("held-out instruction types: " + "; ".join(problems))
+    return tuple(i for i in GENERATED_IDS if i not in set(exclude))
+
+
+def sample_constraints(rng: random.Random, k: int, exclude: Collection[str] = ()) -> list[Constraint]:
+    """Up to ``k`` mutually compatible constraints (fewer only if the table leaves no compatible id), never
+    one of ``exclude`` (held-out instruction types)."""
     table = conflicts()
     chosen: list[Constraint] = []
     blocked: set[str] = set()
-    for iid in rng.sample(GENERATED_IDS, len(GENERATED_IDS)):
+    ids = drawable_ids(exclude) if exclude else GENERATED_IDS
+    for iid in rng.sample(ids, len(ids)):
         if len(chosen) == k:
             break
         if iid in blocked or any(iid in table.get(c.id, ()) for c in chosen):
@@ -135,10 +158,12 @@ def split_of(task_id: str) -> Split:
     return "heldout" if h < HELDOUT_FRACTION else "train"
 
 
-def make_item(task: dict[str, str], *, seed: int, variant: int = 0, max_constraints: int = 3) -> dict[str, Any]:
-    """One IFEval-format item (key, prompt, instruction_id_list, kwargs) for a task, deterministic in its inputs."""
+def make_item(task: dict[str, str], *, seed: int, variant: int = 0, max_constraints: int = 3,
+              exclude: Collection[str] = ()) -> dict[str, Any]:
+    """One IFEval-format item (key, prompt, instruction_id_list, kwargs) for a task, deterministic in its inputs;
+    ``exclude``: instruction types never to draw (pair building passes the held-out types)."""
     rng = random.Random(f"{seed}:{task['id']}:{variant}")
-    cons = sample_constraints(rng, rng.randint(1, max_constraints))
+    cons = sample_constraints(rng, rng.randint(1, max_constraints), exclude)
     return {
         "key": f"own-{content_hash(seed, task['id'], variant)[:12]}",
         "task_id": task["id"],
@@ -151,6 +176,7 @@ def make_item(task: dict[str, str], *, seed: int, variant: int = 0, max_constrai
 
 def own_suite(*, split: Split = "heldout", seed: int = 1234, variants: int = 2,
               tasks_path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """The ``own`` eval suite: every ``split`` task x ``variants`` constraint draws."""
+    """The ``own`` eval suite: every ``split`` task x ``variants`` constraint draws, over every generated type
+    (held-out types included: the eval is where they are scored)."""
     tasks = [t for t in load_tasks(tasks_path) if split_of(t["id"]) == split]
     return [make_item(t, seed=seed, variant=v) for t in tasks for v in range(variants)]

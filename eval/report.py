@@ -1,18 +1,101 @@
-"""Eval reports: ``report.md`` + ``by_category.png`` for one eval, a round-over-round chart when the eval
-dir sits in a run (``runs/<name>/round-<k>/eval``), and paired comparisons of two evals with a bootstrap
-confidence interval so a reader can tell a gain from noise."""
+"""Eval reports: ``report.md`` + ``by_category.png`` + ``lengths.png`` for one eval, a round-over-round chart
+when the eval dir sits in a run (``runs/<name>/round-<k>/eval``), and paired comparisons of two evals with a
+bootstrap confidence interval so a reader can tell a gain from noise.
+
+Beside the four IFEval metrics every eval reports a ``degeneration`` block (truncation, loops, distinct-n,
+length, unrequested habits: :mod:`eval.degeneration`) and a ``heldout`` block (the score on the instruction
+types pair building never draws, ``eval.heldout_types``): a higher IFEval score alone is no evidence of
+teaching. Both are recomputed from ``results.jsonl`` (which keeps each response) by :func:`measures_of`.
+"""
 
 from __future__ import annotations
 
 import json
-import random
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from eval import degeneration as dg
 from shared.atomic import atomic_write_text
+from shared.config import DEFAULT_HELDOUT_TYPES
 
 METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+RATE_MEASURES = ("truncation_rate", "loop_rate", *(f"{h}_rate" for h in dg.HABITS))
+DEGENERATION_MEASURES = (*RATE_MEASURES, "words_median", "words_p90", "words_mean", "distinct_1", "distinct_2")
+
+
+def _mean(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def heldout_scores(results: Sequence[dict[str, Any]], types: Sequence[str]) -> dict[str, Any]:
+    """Instruction-level strict/loose accuracy over just the instructions of a held-out ``type`` (None when the
+    suite asks none), and over all other instructions (``others``), from :func:`eval.ifeval.score_response`
+    rows."""
+    held = set(types)
+    hs: list[bool] = []
+    hl: list[bool] = []
+    os_: list[bool] = []
+    ol: list[bool] = []
+    prompts = 0
+    for r in results:
+        hit = False
+        for iid, st, lo in zip(r["instruction_id_list"], r["follow_strict"], r["follow_loose"], strict=True):
+            if iid in held:
+                hs.append(st)
+                hl.append(lo)
+                hit = True
+            else:
+                os_.append(st)
+                ol.append(lo)
+        prompts += hit
+    return {"types": list(types), "n_instructions": len(hs), "n_prompts": prompts, "strict": _mean(hs),
+            "loose": _mean(hl), "others": {"n_instructions": len(os_), "strict": _mean(os_), "loose": _mean(ol)}}
+
+
+def _profiles(results: Sequence[dict[str, Any]], long_words: int) -> list[dict[str, Any]] | None:
+    if not results or any(not isinstance(r.get("response"), str) for r in results):
+        return None
+    return [dg.profile(r["response"], r["instruction_id_list"], r.get("finish_reason"), long_words=long_words)
+            for r in results]
+
+
+def degeneration_of(results: Sequence[dict[str, Any]], long_words: int = dg.DEFAULT_LONG_WORDS
+                    ) -> dict[str, Any] | None:
+    """The degeneration block of results rows that carry ``response`` (None for rows without it: old evals)."""
+    profs = _profiles(results, long_words)
+    if profs is None:
+        return None
+    return dg.summarize([r["response"] for r in results], profs, long_words=long_words)
+
+
+def read_results(eval_dir: str | Path) -> list[dict[str, Any]]:
+    p = Path(eval_dir) / "results.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
+def measures_of(eval_dir: str | Path, *, heldout_types: Sequence[str] | None = None,
+                long_words: int | None = None) -> dict[str, Any]:
+    """``{"degeneration": ..., "heldout": ...}`` of one eval dir, recomputed from its results.jsonl with these
+    settings (default: those its scores.json recorded, else the defaults), so rounds evaluated under other
+    settings compare on equal terms. A block that cannot be computed (no results, or results without response
+    text) comes from scores.json, else is None."""
+    d = Path(eval_dir)
+    scores = json.loads((d / "scores.json").read_text()) if (d / "scores.json").exists() else {}
+    rec_deg, rec_held = scores.get("degeneration"), scores.get("heldout")
+    if heldout_types is None:
+        heldout_types = rec_held["types"] if rec_held else DEFAULT_HELDOUT_TYPES
+    if long_words is None:
+        long_words = rec_deg["long_words"] if rec_deg else dg.DEFAULT_LONG_WORDS
+    rows = read_results(d)
+    deg = degeneration_of(rows, long_words) if rows else None
+    if deg is None and rec_deg and rec_deg.get("long_words") == long_words:
+        deg = rec_deg
+    held = heldout_scores(rows, heldout_types) if rows else None
+    if held is None and rec_held and sorted(rec_held["types"]) == sorted(heldout_types):
+        held = rec_held
+    return {"degeneration": deg, "heldout": held}
 
 
 def _round_history(out_dir: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -27,7 +110,8 @@ def _round_history(out_dir: Path) -> list[tuple[int, dict[str, Any]]]:
     return sorted(hist)
 
 
-def _plot(out_dir: Path, scores: dict[str, Any], history: list[tuple[int, dict[str, Any]]]) -> list[str]:
+def _plot(out_dir: Path, scores: dict[str, Any], history: list[tuple[int, dict[str, Any]]],
+          lengths: list[int] | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,10 +134,31 @@ def _plot(out_dir: Path, scores: dict[str, Any], history: list[tuple[int, dict[s
         fig.savefig(out_dir / "by_category.png", dpi=110)
         plt.close(fig)
         made.append("by_category.png")
+    if lengths:
+        deg = scores.get("degeneration") or {}
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(lengths, bins=min(40, max(5, len(set(lengths)))), color="tab:blue", alpha=0.8)
+        for name, q, style in (("median", "words_median", "-"), ("p90", "words_p90", "--")):
+            if q in deg:
+                ax.axvline(deg[q], color="k", ls=style, lw=1, label=f"{name} {deg[q]:.0f}")
+        if "long_words" in deg:
+            ax.axvline(deg["long_words"], color="tab:red", ls=":", lw=1, label=f"long ({deg['long_words']})")
+        ax.set_xlabel("response length (words)")
+        ax.set_ylabel("responses")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{scores.get('model', '')}: response lengths")
+        fig.tight_layout()
+        fig.savefig(out_dir / "lengths.png", dpi=110)
+        plt.close(fig)
+        made.append("lengths.png")
     if len(history) >= 2:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for m in METRICS:
             ax.plot([k for k, _ in history], [s[m] for _, s in history], marker="o", label=m)
+        held = [(k, s["heldout"]["loose"]) for k, s in history if (s.get("heldout") or {}).get("loose") is not None]
+        if held:
+            ax.plot([k for k, _ in held], [v for _, v in held], marker="s", ls="--", color="k",
+                    label="held-out types (inst. loose)")
         ax.set_xlabel("round")
         ax.set_ylabel("score")
         ax.set_ylim(0, 1)
@@ -67,10 +172,51 @@ def _plot(out_dir: Path, scores: dict[str, Any], history: list[tuple[int, dict[s
     return made
 
 
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def degeneration_lines(deg: dict[str, Any] | None) -> list[str]:
+    """Markdown for one eval's degeneration block."""
+    if not deg:
+        return ["No degeneration measures: this eval's results carry no response text (re-run the eval).", ""]
+    lines = [f"Over {deg['n_responses']} responses. Habits count only answers to prompts that did not ask for "
+             "them; a habit that rises across rounds is learned, not taught.", "",
+             "| measure | value |", "|---|---|",
+             f"| truncated (finish_reason = length) | {deg['truncation_rate']:.3f} |",
+             f"| looping | {deg['loop_rate']:.3f} |",
+             f"| distinct-1 / distinct-2 | {deg['distinct_1']:.3f} / {deg['distinct_2']:.3f} |",
+             f"| words: median / p90 / mean / max | {deg['words_median']:.0f} / {deg['words_p90']:.0f} / "
+             f"{deg['words_mean']:.1f} / {deg['words_max']} |", "",
+             "| unrequested habit | rate | over answers | counted |", "|---|---|---|---|"]
+    for h, what in dg.HABITS.items():
+        v = deg["habits"][h]
+        what = what.replace("the length limit", f"{deg['long_words']}")
+        lines.append(f"| {h} | {_f(v['rate'])} | {v['n']} | {what} |")
+    return lines + [""]
+
+
+def heldout_lines(held: dict[str, Any] | None) -> list[str]:
+    """Markdown for one eval's held-out-types block."""
+    if not held:
+        return ["No held-out instruction types configured.", ""]
+    if not held["n_instructions"]:
+        return [f"The suite asks none of the held-out types ({', '.join(held['types'])}): no held-out score.", ""]
+    o = held["others"]
+    return [f"Instruction types pair building never draws: {', '.join(f'`{t}`' for t in held['types'])}.", "",
+            "| instructions | strict | loose | n |", "|---|---|---|---|",
+            f"| held-out types | {_f(held['strict'], '.4f')} | {_f(held['loose'], '.4f')} | {held['n_instructions']} "
+            f"({held['n_prompts']} prompts) |",
+            f"| all others | {_f(o['strict'], '.4f')} | {_f(o['loose'], '.4f')} | {o['n_instructions']} |", ""]
+
+
 def write_report(out_dir: str | Path, scores: dict[str, Any]) -> Path:
     out_dir = Path(out_dir)
     history = _round_history(out_dir)
-    pngs = _plot(out_dir, scores, history)
+    rows = read_results(out_dir)
+    lengths = [len(dg.words(r["response"])) for r in rows if isinstance(r.get("response"), str)]
+    pngs = _plot(out_dir, scores, history, lengths or None)
+    held_types = set((scores.get("heldout") or {}).get("types", ()))
     lines = [
         f"# Instruction-following eval: {scores.get('model', '?')}",
         "",
@@ -81,18 +227,33 @@ def write_report(out_dir: str | Path, scores: dict[str, Any]) -> Path:
         "|---|---|",
         *(f"| {m} | {scores[m]:.4f} |" for m in METRICS),
         "",
+        "## Degeneration",
+        "",
+        *degeneration_lines(scores.get("degeneration")),
+        "## Held-out instruction types",
+        "",
+        *heldout_lines(scores.get("heldout")),
         "## By instruction",
         "",
         "| instruction | strict | loose | n |",
         "|---|---|---|---|",
-        *(f"| {'**' + k + '**' if ':' not in k else k} | {v['strict']:.3f} | {v['loose']:.3f} | {v['count']} |"
-          for k, v in scores["by_instruction"].items()),
+        *(f"| {'**' + k + '**' if ':' not in k else k}{' (held out)' if k in held_types else ''} | "
+          f"{v['strict']:.3f} | {v['loose']:.3f} | {v['count']} |" for k, v in scores["by_instruction"].items()),
         "",
     ]
     if len(history) >= 2:
-        lines += ["## By round", "", "| round | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-        lines += [f"| {k} | " + " | ".join(f"{s[m]:.4f}" for m in METRICS) + " |" for k, s in history]
+        lines += ["## By round", "", "| round | " + " | ".join(METRICS) + " | held-out loose |",
+                  "|---" * (len(METRICS) + 2) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{s[m]:.4f}" for m in METRICS)
+                  + f" | {_f((s.get('heldout') or {}).get('loose'), '.4f')} |" for k, s in history]
         lines.append("")
+        deg_hist = [(k, dg.flat(s["degeneration"])) for k, s in history if s.get("degeneration")]
+        if deg_hist:
+            cols = ("truncation_rate", "loop_rate", "words_median", *(f"{h}_rate" for h in dg.HABITS))
+            lines += ["| round | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {k} | " + " | ".join(_f(f[c], ".0f" if c == "words_median" else ".3f") for c in cols) + " |"
+                      for k, f in deg_hist]
+            lines.append("")
     lines += [f"![{p}]({p})" for p in pngs]
     return atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
 
@@ -114,8 +275,50 @@ def pooled(parts: list[tuple[float, int]]) -> float:
     return sum(x for x, _ in parts) / max(1, sum(n for _, n in parts))
 
 
-def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """B minus A on the prompts both scored, with a 95% paired bootstrap interval per metric."""
+def heldout_parts(r: dict[str, Any], types: set[str], loose: bool) -> tuple[float, int]:
+    """(followed, asked) over one prompt's instructions of a held-out type."""
+    flags = [f for iid, f in zip(r["instruction_id_list"], r["follow_loose" if loose else "follow_strict"],
+                                 strict=True) if iid in types]
+    return float(sum(flags)), len(flags)
+
+
+def _rate_parts(profile: dict[str, Any], measure: str) -> tuple[float, int]:
+    key = {"truncation_rate": "truncated", "loop_rate": "looping"}.get(measure, measure.removesuffix("_rate"))
+    v = profile[key]
+    return (0.0, 0) if v is None else (float(v), 1)
+
+
+def _interval(deltas: Any, n_boot: int) -> list[float] | None:
+    import numpy as np
+
+    d = np.sort(deltas[~np.isnan(deltas)])
+    if not len(d):
+        return None
+    return [float(d[int(0.025 * len(d))]), float(d[max(0, int(0.975 * len(d)) - 1)])]
+
+
+def _paired(pa: list[tuple[float, int]], pb: list[tuple[float, int]], idx: Any) -> dict[str, Any]:
+    """Pooled A, B, B - A and a percentile bootstrap interval of B - A over the resampled prompts ``idx``."""
+    import numpy as np
+
+    a_num, a_den = (np.array(x, dtype=float) for x in zip(*pa))
+    b_num, b_den = (np.array(x, dtype=float) for x in zip(*pb))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = b_num[idx].sum(1) / b_den[idx].sum(1) - a_num[idx].sum(1) / a_den[idx].sum(1)
+    a = pooled(pa) if a_den.sum() else None
+    b = pooled(pb) if b_den.sum() else None
+    ci = _interval(boots, len(idx)) if a is not None and b is not None else None
+    return {"a": a, "b": b, "delta": b - a if a is not None and b is not None else None, "ci95": ci,
+            "significant": bool(ci and (ci[0] > 0 or ci[1] < 0)), "n_a": int(a_den.sum()), "n_b": int(b_den.sum())}
+
+
+def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: int = 0,
+            heldout_types: Sequence[str] | None = None, long_words: int | None = None) -> dict[str, Any]:
+    """B minus A on the prompts both scored, with a 95% paired bootstrap interval per metric: the four IFEval
+    metrics, the held-out types' instruction-level scores and (when both evals kept their responses) the
+    degeneration measures. ``heldout_types`` / ``long_words`` default to what A's scores.json recorded."""
+    import numpy as np
+
     def load(d: str | Path) -> dict[str, dict[str, Any]]:
         p = Path(d) / "results.jsonl"
         if not p.exists():
@@ -126,28 +329,66 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: i
     keys = sorted(set(a) & set(b))
     if not keys:
         raise ValueError(f"{a_dir} and {b_dir} share no prompts: compare evals of the same suite")
-    rng = random.Random(seed)
+    rec = measures_of(a_dir)  # what A was evaluated with, for the defaults
+    if heldout_types is None:
+        heldout_types = rec["heldout"]["types"] if rec["heldout"] else DEFAULT_HELDOUT_TYPES
+    if long_words is None:
+        long_words = rec["degeneration"]["long_words"] if rec["degeneration"] else dg.DEFAULT_LONG_WORDS
+    idx = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
     out: dict[str, Any] = {"n_paired": len(keys), "metrics": {}}
+    ra, rb = [a[k] for k in keys], [b[k] for k in keys]
     for m in METRICS:
-        pa = [metric_parts(a[k], m) for k in keys]
-        pb = [metric_parts(b[k], m) for k in keys]
-        delta = pooled(pb) - pooled(pa)
-        boots = []
-        for _ in range(n_boot):
-            idx = [rng.randrange(len(keys)) for _ in keys]
-            boots.append(pooled([pb[i] for i in idx]) - pooled([pa[i] for i in idx]))
-        boots.sort()
-        lo, hi = boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot) - 1]
-        out["metrics"][m] = {"a": pooled(pa), "b": pooled(pb), "delta": delta, "ci95": [lo, hi],
-                             "significant": lo > 0 or hi < 0}
+        out["metrics"][m] = _paired([metric_parts(r, m) for r in ra], [metric_parts(r, m) for r in rb], idx)
+    held = set(heldout_types)
+    out["heldout"] = {"types": list(heldout_types), **{
+        lvl: _paired([heldout_parts(r, held, lvl == "loose") for r in ra],
+                     [heldout_parts(r, held, lvl == "loose") for r in rb], idx) for lvl in ("strict", "loose")}}
+    prof_a, prof_b = _profiles(ra, long_words), _profiles(rb, long_words)
+    if prof_a is None or prof_b is None:
+        out["degeneration"] = None
+        return out
+    deg: dict[str, Any] = {m: _paired([_rate_parts(p, m) for p in prof_a], [_rate_parts(p, m) for p in prof_b], idx)
+                           for m in RATE_MEASURES}
+    wa = np.array([p["words"] for p in prof_a], dtype=float)
+    wb = np.array([p["words"] for p in prof_b], dtype=float)
+    ma, mb = float(np.median(wa)), float(np.median(wb))
+    ci = _interval(np.median(wb[idx], axis=1) - np.median(wa[idx], axis=1), n_boot)
+    deg["words_median"] = {"a": ma, "b": mb, "delta": mb - ma, "ci95": ci,
+                           "significant": bool(ci and (ci[0] > 0 or ci[1] < 0)), "n_a": len(wa), "n_b": len(wb)}
+    for n in (1, 2):  # a property of the whole set: no per-prompt bootstrap
+        da, db = dg.distinct_n([r["response"] for r in ra], n), dg.distinct_n([r["response"] for r in rb], n)
+        deg[f"distinct_{n}"] = {"a": da, "b": db, "delta": db - da, "ci95": None, "significant": False,
+                                "n_a": len(ra), "n_b": len(rb)}
+    out["degeneration"] = deg
+    out["long_words"] = long_words
     return out
+
+
+def _row(name: str, v: dict[str, Any], fmt: str = ".4f") -> str:
+    if v["a"] is None or v["b"] is None:
+        return f"{name:<20}{_f(v['a'], fmt):>8}{_f(v['b'], fmt):>8}{'':>9}   (not measured in both)"
+    ci = f"[{v['ci95'][0]:+{fmt}}, {v['ci95'][1]:+{fmt}}]" if v["ci95"] else ""
+    flag = ("  significant" if v["significant"] else "  (within noise)") if v["ci95"] else ""
+    return f"{name:<20}{v['a']:>8{fmt}}{v['b']:>8{fmt}}{v['delta']:>+9{fmt}}   {ci:<20}{flag}"
 
 
 def format_compare(c: dict[str, Any], a: str, b: str) -> str:
     rows = [f"B = {b}\nA = {a}\n{c['n_paired']} paired prompts; 95% paired bootstrap interval of B - A", "",
             f"{'metric':<20}{'A':>8}{'B':>8}{'B-A':>9}   95% CI              "]
-    for m, v in c["metrics"].items():
-        flag = "  significant" if v["significant"] else "  (within noise)"
-        rows.append(f"{m:<20}{v['a']:>8.4f}{v['b']:>8.4f}{v['delta']:>+9.4f}   "
-                    f"[{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]{flag}")
+    rows += [_row(m, v) for m, v in c["metrics"].items()]
+    held = c.get("heldout")
+    if held:
+        n = held["loose"]["n_a"]
+        rows += ["", f"held-out instruction types ({n} instructions in A): {', '.join(held['types'])}"]
+        rows += [_row(f"heldout_{lvl}", held[lvl]) for lvl in ("strict", "loose")]
+    deg = c.get("degeneration")
+    rows.append("")
+    if deg is None:
+        rows.append("degeneration: not measured (an eval's results.jsonl has no response text; re-run it)")
+    else:
+        rows.append(f"degeneration (habits over prompts that did not ask for them; long = over {c['long_words']} "
+                    f"words)")
+        for m, v in deg.items():
+            rows.append(_row(m, v, ".1f" if m == "words_median" else ".4f")
+                        + (f"  n={v['n_a']}/{v['n_b']}" if m.endswith("_rate") and m[:-5] in dg.HABITS else ""))
     return "\n".join(rows)

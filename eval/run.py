@@ -7,8 +7,10 @@ cached in ``OUT/responses.jsonl`` keyed by a hash of the exact request, so an in
 where it stopped; a cache made for another suite, model or setting is refused rather than mixed in.
 
 Outputs in OUT: ``scores.json`` (prompt/instruction x strict/loose, n_prompts, per-instruction
-breakdown, timing), ``results.jsonl`` (per-prompt follow flags, for paired comparisons), ``report.md``
-and ``by_category.png``.
+breakdown, a ``degeneration`` block - truncation, loops, distinct-n, length, unrequested habits - and a
+``heldout`` block - the score on the instruction types pair building never draws - and timing),
+``results.jsonl`` (per-prompt follow flags, finish reason and response, for paired comparisons),
+``report.md``, ``by_category.png`` and ``lengths.png``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import openai
@@ -211,17 +214,25 @@ def run_eval(
     *, base_url: str, model: str | None, api_key: str | None, suite: str = "own", out_dir: str | os.PathLike[str],
     limit: int | None = None, settings: EvalSettings = EvalSettings(), template: BaseTemplate | None = None,
     concurrency: int = 16, timeout: float = 600.0, max_retries: int = 6, health_timeout: float = 30.0,
-    prompts_per_request: int = 8,
+    prompts_per_request: int = 8, heldout_types: Sequence[str] | None = None, long_words: int = 300,
 ) -> dict[str, Any]:
     """Generate (or reuse cached) responses for a suite, score them, write scores/results/report.
 
     ``prompts_per_request``: completion prompts sent per HTTP request (1 = one each); greedy results do not
-    depend on it, so a cache made with one value serves another."""
+    depend on it, so a cache made with one value serves another. ``heldout_types`` (default: eval.heldout_types'
+    default) are scored on their own; ``long_words``: the "long answer" habit's threshold. Neither changes what
+    is generated, so neither is part of what the cache is for."""
     from eval import ifeval
-    from eval.report import write_report
+    from eval.report import degeneration_of, heldout_scores, write_report
+    from shared.config import DEFAULT_HELDOUT_TYPES
 
     if prompts_per_request < 1:
         raise EvalError(f"prompts_per_request must be >= 1, got {prompts_per_request}")
+    heldout_types = list(DEFAULT_HELDOUT_TYPES if heldout_types is None else heldout_types)
+    unknown = [t for t in heldout_types if t not in ifeval.INSTRUCTION_IDS]
+    if unknown:
+        raise EvalError(f"held-out instruction types {unknown} are not IFEval instruction ids; known: "
+                        f"{', '.join(ifeval.INSTRUCTION_IDS)}")
     out = Path(out_dir)
     name, items = load_suite(suite, limit)  # validate input before touching the server
     tpl = template or load_template()
@@ -249,8 +260,11 @@ def run_eval(
         entry = cache.entries[req["request_key"]]
         r = ifeval.score_response(it, entry["response"])
         r["finish_reason"] = entry["finish_reason"]
+        r["response"] = entry["response"]
         results.append(r)
     scores = ifeval.aggregate(results)
+    scores["degeneration"] = degeneration_of(results, long_words)
+    scores["heldout"] = heldout_scores(results, heldout_types)
     entries = [cache.entries[r["request_key"]] for r in reqs]
     scores.update({
         "suite": name, "model": model, "settings": asdict(settings),

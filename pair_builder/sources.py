@@ -2,7 +2,8 @@
 
 * seed pool: every ``train``-split task of ``constitution/seed_tasks.jsonl`` x ``seed_variants`` constraint
   draws (``eval.constraints.make_item``: the same generator and checkers eval uses; the ``heldout`` split
-  is never used, so eval measures generalisation);
+  is never used, and the held-out instruction types ``eval.heldout_types`` are never drawn, so eval
+  measures generalisation);
 * self-instruct: the served model continues a numbered list of seed tasks (base-model prompt), one new
   task per line; junk lines are filtered and each new task gets constraints like a seed task;
 * a user file (JSONL or parquet): ``instruction`` (used verbatim) or ``task`` (constraint text appended),
@@ -20,6 +21,7 @@ import os
 import random
 import re
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from eval.constraints import load_tasks, make_item, render_prompt, split_of
 from eval.ifeval import instruction_class
 from pair_builder.sample import Usage
 from shared.atomic import parse_jsonl_lines
+from shared.config import DEFAULT_HELDOUT_TYPES
 from shared.records import Constraint, content_hash
 
 log = logging.getLogger(__name__)
@@ -62,18 +65,28 @@ def _from_item(item: dict[str, Any], source: str) -> Instruction:
     return Instruction(id=item["key"], task=item["task"], text=item["prompt"], constraints=cons, source=source)
 
 
+def _excluded(exclude: Collection[str] | None) -> tuple[str, ...]:
+    """The instruction types never to draw: ``eval.heldout_types``; None = its default list."""
+    return tuple(DEFAULT_HELDOUT_TYPES if exclude is None else exclude)
+
+
 def seed_instructions(*, seed: int, variants: int, max_constraints: int,
-                      tasks_path: str | os.PathLike[str] | None = None) -> list[Instruction]:
-    """Train-split seed tasks x ``variants`` seeded constraint draws."""
+                      tasks_path: str | os.PathLike[str] | None = None,
+                      exclude: Collection[str] | None = None) -> list[Instruction]:
+    """Train-split seed tasks x ``variants`` seeded constraint draws, never of a type in ``exclude`` (pass
+    ``cfg.eval.heldout_types``; None = its default)."""
     tasks = [t for t in load_tasks(tasks_path) if split_of(t["id"]) == "train"]
-    return [_from_item(make_item(t, seed=seed, variant=v, max_constraints=max_constraints), "seed")
+    ex = _excluded(exclude)
+    return [_from_item(make_item(t, seed=seed, variant=v, max_constraints=max_constraints, exclude=ex), "seed")
             for t in tasks for v in range(variants)]
 
 
-def constrain_tasks(tasks: list[str], *, seed: int, max_constraints: int, source: str) -> list[Instruction]:
-    """Give new task texts seeded constraints, exactly as seed tasks get theirs."""
+def constrain_tasks(tasks: list[str], *, seed: int, max_constraints: int, source: str,
+                    exclude: Collection[str] | None = None) -> list[Instruction]:
+    """Give new task texts seeded constraints, exactly as seed tasks get theirs (``exclude`` likewise)."""
+    ex = _excluded(exclude)
     return [_from_item(make_item({"id": content_hash(source, t), "task": t}, seed=seed,
-                                 max_constraints=max_constraints), source) for t in tasks]
+                                 max_constraints=max_constraints, exclude=ex), source) for t in tasks]
 
 
 # --- self-instruct -----------------------------------------------------------------------------------------

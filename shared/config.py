@@ -95,6 +95,17 @@ class ModelConfig(Section):
     template: Path | None = Field(None, description="Base-model prompt template; default constitution/base_template.yaml.")
 
 
+# IFEval instruction ids pair building never draws (eval.heldout_types): one each of format, case, length,
+# keywords and start/end, all kinds the constraint generator can draw, so leaving them out is a real hold-out.
+DEFAULT_HELDOUT_TYPES = [
+    "detectable_format:title",
+    "change_case:english_capital",
+    "length_constraints:number_sentences",
+    "keywords:frequency",
+    "startend:quotation",
+]
+
+
 class EvalConfig(Section):
     suite: str = Field("own", description="ifeval (541 prompts, packaged) | own (generated, held-out split) | hub[:repo] (online) | path/to/suite.jsonl")
     limit: int | None = Field(None, ge=1, description="Score only the first N prompts (quick checks).")
@@ -107,6 +118,24 @@ class EvalConfig(Section):
                                      "server (a batch holds its slots until its longest answer ends). Chat: 1.")
     gate_metric: Literal["prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"] = "prompt_loose"
     target: float = Field(0.95, ge=0.0, le=1.0, description="The plan's success rate: stop when reached.")
+    heldout_types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_HELDOUT_TYPES),
+        description="IFEval instruction ids pair building never draws; every eval scores them on their own, so a "
+        "rise there is teaching that generalises, not habits. More ids = a steadier held-out score but fewer "
+        "kinds of instruction to train on; [] = none held out.")
+    long_answer_words: int = Field(300, ge=1, description="Degeneration: share of answers longer than this (words) "
+                                   "among prompts with no length_constraints:* instruction.")
+
+    @field_validator("heldout_types")
+    @classmethod
+    def _heldout_ids(cls, v: list[str]) -> list[str]:
+        bad = [i for i in v if i.count(":") != 1 or not all(i.split(":"))]
+        if bad:
+            raise ValueError(f"not IFEval instruction ids (category:name): {bad}")
+        dup = sorted({i for i in v if v.count(i) > 1})
+        if dup:
+            raise ValueError(f"listed twice: {dup}")
+        return v
 
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -250,6 +279,28 @@ class PairsConfig(Section):
     progress: bool = Field(True, description="Live progress bar (pairs/s, tokens/s, acceptance, ETA, cost).")
 
 
+class GuardsConfig(Section):
+    """Promotion guards: round k>0 is promoted only when, besides a higher gate metric, its degeneration stays
+    within these bounds of round 0's and its held-out-type score does not fall. Tighter bounds refuse more
+    real gains to small-suite noise; looser ones let the score rise through habits (lowercase, no commas,
+    long looping answers) that satisfy some instructions by accident."""
+
+    enabled: bool = Field(True, description="false = promote on the gate metric alone (not recommended).")
+    max_truncation_rise: float = Field(0.05, ge=0.0, description="Share of answers cut at max_tokens may exceed "
+                                       "round 0's by at most this.")
+    max_loop_rise: float = Field(0.02, ge=0.0, description="Share of looping answers may exceed round 0's by at "
+                                 "most this; loops are rare in a healthy model, so the bound is tight.")
+    max_habit_rise: float = Field(0.10, ge=0.0, description="Each unrequested habit (all-lowercase, all-uppercase, "
+                                  "comma-free, over eval.long_answer_words; each over prompts that did not ask for "
+                                  "it) may exceed round 0's share by at most this.")
+    max_length_ratio: float = Field(2.0, ge=1.0, description="Median answer length (words) may be at most this "
+                                    "multiple of round 0's.")
+    heldout_tolerance: float = Field(0.0, ge=0.0, description="The held-out-type score (instruction level, loose or "
+                                     "strict as the gate metric) may fall at most this below round 0's and the "
+                                     "previous round's. 0 refuses any drop, noise included: on a small suite, "
+                                     "raise it or evaluate more prompts.")
+
+
 class PipelineConfig(Section):
     """The round loop (``python -m pipeline run``); stopping rules beyond eval.target and cost.budget_usd."""
 
@@ -263,6 +314,7 @@ class PipelineConfig(Section):
         "demo); ray_job: `ray job submit` to pairs.ray_address / RAY_ADDRESS."
     )
     server_log_dir: Path | None = Field(None, description="Where gen_server logs go; default the run dir.")
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
 
 
 class Config(Section):

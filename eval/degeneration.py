@@ -1,0 +1,180 @@
+"""What a model gives up while its IFEval score rises: loops, truncation, sameness, and unrequested habits.
+
+A score can climb through degenerate output (everything lowercase, no commas, long looping answers all
+satisfy some verifiable instructions by accident). These measures sit beside the four IFEval metrics in
+every eval, and pair building uses :func:`is_looping` to rule out looping candidates.
+
+Pure functions, no I/O:
+
+* :func:`profile` - one response: word count, truncated, looping, and each unrequested habit (``None``
+  where the prompt asked for it, or the answer is too short to tell);
+* :func:`summarize` - a set of profiled responses: truncation and loop rates, distinct-1/2, length
+  distribution, habit rates (each over the prompts that did not ask for it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+_WORD = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
+
+LOWERCASE_ID = "change_case:english_lowercase"
+UPPERCASE_ID = "change_case:english_capital"
+NO_COMMA_ID = "punctuation:no_comma"
+LENGTH_PREFIX = "length_constraints:"
+MIN_CASED_LETTERS = 10   # an answer needs this many cased letters before "all lowercase" says anything
+COMMA_MIN_WORDS = 20     # comma-free counts only for answers longer than this (short ones need no comma)
+DEFAULT_LONG_WORDS = 300
+
+# habit -> what it means; the key is also the field of a profile and of summarize()["habits"]
+HABITS: dict[str, str] = {
+    "lowercase": f"all-lowercase answers (>= {MIN_CASED_LETTERS} cased letters), prompts without {LOWERCASE_ID}",
+    "uppercase": f"all-uppercase answers (>= {MIN_CASED_LETTERS} cased letters), prompts without {UPPERCASE_ID}",
+    "no_comma": f"comma-free answers of > {COMMA_MIN_WORDS} words, prompts without {NO_COMMA_ID}",
+    "long": f"answers past the length limit (words), prompts without any {LENGTH_PREFIX}*",
+}
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _loop_tokens(text: str) -> list[str]:
+    """Words with every number made one token: "1. a shaker 2. a shaker" repeats like "a shaker a shaker"."""
+    return ["#" if t.isdigit() else t for t in words(text)]
+
+
+def repeated_ngram_share(tokens: list[str], n: int) -> float:
+    """Share of the n-grams of ``tokens`` that repeat an earlier n-gram (0 = all distinct)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def _tail_period(tokens: list[str], max_period: int = 120) -> tuple[int, int]:
+    """(period, repeats) of the longest exactly periodic tail of ``tokens``: the text ends in a loop."""
+    best = (0, 0)
+    n = len(tokens)
+    for p in range(1, min(max_period, n // 2) + 1):
+        i = n - p - 1
+        while i >= 0 and tokens[i] == tokens[i + p]:
+            i -= 1
+        covered = n - 1 - i  # tokens from the end that repeat with period p
+        repeats = covered // p
+        if repeats >= 2 and covered > best[0] * best[1]:
+            best = (p, repeats)
+    return best
+
+
+def is_looping(text: str, *, min_words: int = 12) -> bool:
+    """True when ``text`` is caught in a repetition loop.
+
+    Any of: its end repeats one unit at least three times and the loop covers a third of the words
+    (``* ice cube in the shape of a shaker`` over and over, numbered or not; "is is is is"); lines of four
+    or more words that repeat earlier lines are more than half of such lines (one of them three or more
+    times); over half of its 4-grams repeat earlier ones. Numbers count as one token, so a numbered loop
+    is still a loop. A bulleted list whose items share a frame ("* Use ..."), or a poem or song whose
+    refrain or chorus comes back every stanza, does not trip these.
+    """
+    toks = _loop_tokens(text)
+    if len(toks) < min_words:
+        return False
+    period, repeats = _tail_period(toks)
+    if repeats >= 3 and period * repeats >= max(len(toks) / 3, 6):
+        return True
+    lines = [" ".join(t) for t in (_loop_tokens(ln) for ln in text.splitlines()) if len(t) >= 4]
+    if lines:
+        top = Counter(lines).most_common(1)[0][1]
+        if top >= 3 and (len(lines) - len(set(lines))) / len(lines) > 0.5:
+            return True
+    return repeated_ngram_share(toks, 4) > 0.5
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n over a set of responses: unique n-grams / all n-grams (higher = more varied)."""
+    total, seen = 0, set()
+    for t in texts:
+        toks = words(t)
+        grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
+def _cased_letters(text: str) -> list[str]:
+    return [ch for ch in text if ch.lower() != ch.upper()]
+
+
+def profile(text: str, instruction_ids: Sequence[str], finish_reason: str | None = None, *,
+            long_words: int = DEFAULT_LONG_WORDS) -> dict[str, Any]:
+    """One response: ``words``, ``truncated`` (finish_reason == "length"), ``looping``, and each habit of
+    :data:`HABITS` as True/False, or None when the prompt asked for it (its ``instruction_ids``) or the
+    answer is too short to show it."""
+    ids = set(instruction_ids)
+    n = len(words(text))
+    cased = _cased_letters(text)
+    enough_letters = len(cased) >= MIN_CASED_LETTERS
+    return {
+        "words": n,
+        "truncated": finish_reason == "length",
+        "looping": is_looping(text),
+        "lowercase": all(c.islower() for c in cased) if enough_letters and LOWERCASE_ID not in ids else None,
+        "uppercase": all(c.isupper() for c in cased) if enough_letters and UPPERCASE_ID not in ids else None,
+        "no_comma": "," not in text if n > COMMA_MIN_WORDS and NO_COMMA_ID not in ids else None,
+        "long": n > long_words if not any(i.startswith(LENGTH_PREFIX) for i in ids) else None,
+    }
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values (numpy's default); 0.0 for none."""
+    if not sorted_values:
+        return 0.0
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def rate(flags: Sequence[bool | None]) -> tuple[float | None, int]:
+    """(share of True, how many were not None); the share is None when none count."""
+    counted = [f for f in flags if f is not None]
+    return (sum(counted) / len(counted) if counted else None), len(counted)
+
+
+def summarize(texts: Sequence[str], profiles: Sequence[dict[str, Any]], *,
+              long_words: int = DEFAULT_LONG_WORDS) -> dict[str, Any]:
+    """The ``degeneration`` block of an eval, from its responses and their :func:`profile`s.
+
+    Rates are shares of responses; each habit's ``rate`` is over its ``n`` eligible responses (None when
+    there are none). ``words_*`` describe response length in words."""
+    lengths = sorted(p["words"] for p in profiles)
+    n = len(profiles)
+    habits = {}
+    for h in HABITS:
+        r, m = rate([p[h] for p in profiles])
+        habits[h] = {"rate": r, "n": m}
+    return {
+        "n_responses": n,
+        "truncation_rate": sum(p["truncated"] for p in profiles) / n if n else 0.0,
+        "loop_rate": sum(p["looping"] for p in profiles) / n if n else 0.0,
+        "distinct_1": distinct_n(list(texts), 1),
+        "distinct_2": distinct_n(list(texts), 2),
+        "words_median": quantile(lengths, 0.5),
+        "words_p90": quantile(lengths, 0.9),
+        "words_mean": sum(lengths) / n if n else 0.0,
+        "words_max": lengths[-1] if lengths else 0,
+        "long_words": long_words,
+        "habits": habits,
+    }
+
+
+def flat(block: dict[str, Any]) -> dict[str, float | None]:
+    """A degeneration block as one level of named numbers (habits as ``<habit>_rate``), for tables and guards."""
+    out = {k: block[k] for k in ("truncation_rate", "loop_rate", "distinct_1", "distinct_2", "words_median",
+                                 "words_p90", "words_mean")}
+    out.update({f"{h}_rate": v["rate"] for h, v in block["habits"].items()})
+    return out
