@@ -90,3 +90,24 @@ def write_pair_assets(d: Path, instructions: list[str]) -> Path:
     (d / "principles" / "short.yaml").write_text(yaml.safe_dump(TINY_PRINCIPLE))
     (d / "instructions.jsonl").write_text("".join(json.dumps({"instruction": t}) + "\n" for t in instructions))
     return d
+
+
+def ref_logps(model_dir: Path, rows: list[dict]) -> list[dict]:
+    """Reference log-probs computed independently of TRL: sum of log p(response + eos | prompt)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for r in rows:
+        n_prompt = len(tok(r["prompt"])["input_ids"])
+        scores = {}
+        for side in ("chosen", "rejected"):
+            ids = torch.tensor([tok(r["prompt"] + r[side] + tok.eos_token)["input_ids"]])
+            with torch.no_grad():
+                logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            targets = ids[0, 1:]
+            scores[f"ref_{side}_logps"] = logp[n_prompt - 1 :].gather(-1, targets[n_prompt - 1 :, None]).sum().item()
+        out.append({**r, **scores})
+    return out

@@ -146,6 +146,61 @@ def _load_peft(cfg: Config, base_model: Path) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(base_model)
 
 
+def check_init_adapter(cfg: Config, init_adapter: Path, base_model: Path) -> None:
+    """Refuse to continue an adapter whose LoRA shape or base differ from this round's settings."""
+    t = cfg.train
+    ac = json.loads((init_adapter / "adapter_config.json").read_text())
+    problems = []
+    if ac.get("r") != t.lora_r:
+        problems.append(f"r={ac.get('r')} (train.lora_r={t.lora_r})")
+    if ac.get("lora_alpha") != (t.lora_alpha or t.lora_r):
+        problems.append(f"lora_alpha={ac.get('lora_alpha')} (train.lora_alpha={t.lora_alpha or t.lora_r})")
+    if set(ac.get("target_modules") or []) != set(t.target_modules):
+        problems.append(f"target_modules={sorted(ac.get('target_modules') or [])} (train.target_modules="
+                        f"{sorted(t.target_modules)})")
+    summary = init_adapter / SUMMARY_NAME
+    trained_on = json.loads(summary.read_text()).get("base_fingerprint") if summary.is_file() else None
+    if trained_on and trained_on != base_fingerprint(base_model):
+        problems.append(f"trained on a base shaped {trained_on}, not {base_model}")
+    if problems:
+        raise ConfigError([f"train.continue_adapter: round {t.round - 1}'s adapter {init_adapter} has "
+                           f"{'; '.join(problems)}. Keep the LoRA settings across rounds, or set "
+                           "train.continue_adapter=false to train a fresh LoRA on the last merge"])
+
+
+def continue_adapter(model: Any, init_adapter: Path) -> None:
+    """Start the trainable ``default`` adapter of peft ``model`` from ``init_adapter``: round k starts from, and (as
+    DPO's reference) is held near, the policy round k-1 produced."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(init_adapter / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing or getattr(result, "unexpected_keys", []):
+        raise ConfigError([f"train.continue_adapter: {init_adapter} does not fit this model's LoRA layers "
+                           f"(missing {missing[:3]}, unexpected {list(getattr(result, 'unexpected_keys', []))[:3]})"])
+    # TRL's DPOTrainer, given a peft model, copies its "default" adapter into a frozen "ref" adapter and computes
+    # every reference log-prob with it: the reference is this very starting policy.
+    log.info("continuing %s: the trainable adapter and DPO's frozen reference copy both start from it", init_adapter)
+
+
+def kl_to_base(model: Any, tokenizer: Any, probes: list[str]) -> float:
+    """Mean next-token KL(policy || the same base with every adapter disabled) on the rendered probe prompts:
+    how far the starting policy already is from the original base (the merge reports the same measure)."""
+    from trainer.merge import compare_distributions, next_token_logprobs
+
+    was_training = model.training
+    model.eval()
+    try:
+        policy = next_token_logprobs(model, tokenizer, probes)
+        with model.disable_adapter():
+            bare = next_token_logprobs(model, tokenizer, probes)
+    finally:
+        model.train(was_training)
+    return compare_distributions(policy, bare)["mean_kl"]
+
+
 def lora_config(cfg: Config) -> Any:
     from peft import LoraConfig
 
@@ -342,12 +397,24 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
     batch_size = resolve_batch_size(cfg, paths.base_model)
 
     # 2. Model.
+    if paths.init_adapter is not None:
+        check_init_adapter(cfg, paths.init_adapter, paths.base_model)
     if backend == "unsloth":
         model, tokenizer = _load_unsloth(cfg, paths.base_model)
         peft_config = None
     else:
         model, tokenizer = _load_peft(cfg, paths.base_model)
         peft_config = lora_config(cfg)
+    if paths.init_adapter is not None:
+        if peft_config is not None:  # wrap here (TRL would): the adapter must exist before its weights load
+            from peft import get_peft_model
+
+            model, peft_config = get_peft_model(model, peft_config), None
+        continue_adapter(model, paths.init_adapter)
+        start_kl = kl_to_base(model, tokenizer, [template.render(p) for p in cfg.merge.probe_prompts])
+        log.info("round %d starts %.3g (mean next-token KL) away from the original base", t.round, start_kl)
+    else:
+        start_kl = 0.0  # a fresh LoRA starts at the base (B = 0)
     log.info("backend %s: %s, LoRA r=%d alpha=%d on %s", backend, paths.base_model, t.lora_r,
              t.lora_alpha or t.lora_r, ",".join(t.target_modules))
 
@@ -427,6 +494,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / SUMMARY_NAME, {
             "status": status, "round": t.round, "backend": backend, "base_model": str(paths.base_model),
+            "init_adapter": str(paths.init_adapter) if paths.init_adapter else None, "start_kl_to_base": start_kl,
             "base_fingerprint": base_fingerprint(paths.base_model), "template_sha256": template.sha256,
             "global_step": trainer.state.global_step, "train_pairs": len(ds),
             "eval_pairs": len(eval_ds) if eval_ds is not None else 0, "ref_logps": "dataset" if use_ref_logps else

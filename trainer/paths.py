@@ -1,8 +1,16 @@
 """Where the trainer reads and writes for a config: explicit settings win, else the run dir's round layout.
 
-Round k trains the model that round k-1 merged (round 0: ``model.base``) on ``round-k/pairs`` and writes
-``round-k/adapter``; checkpoints, tensorboard logs, metrics and plots go to ``round-k/train``; the merge
-writes ``round-k/merged``, which is round k+1's base.
+Round k trains on ``round-k/pairs`` and writes ``round-k/adapter``; checkpoints, tensorboard logs, metrics and
+plots go to ``round-k/train``; the merge writes ``round-k/merged``, which round k+1 serves.
+
+What round k trains depends on ``train.continue_adapter``:
+
+* on (the default): every round trains ONE cumulative adapter over the original base (``model.base``). Round k>0
+  starts from round k-1's adapter, and a frozen copy of it is the DPO reference - the policy round k-1 produced,
+  the same model the server scored the pairs' reference log-probs on (its 16-bit merge). Nothing is lost between
+  rounds: loading a merge in 4-bit would round a round's small update away, the adapter over the same 4-bit base
+  keeps all of it.
+* off: round k>0 trains a fresh LoRA on round k-1's merge (``round-(k-1)/merged``).
 """
 
 from __future__ import annotations
@@ -21,28 +29,45 @@ class TrainPaths:
     pairs_dir: Path
     adapter_dir: Path
     train_dir: Path  # checkpoints, tensorboard, metrics.jsonl, plots
+    init_adapter: Path | None = None  # the adapter this round continues (and its reference), or None: a fresh LoRA
+
+
+def _original_base(cfg: Any) -> Path:
+    spec = cfg.train.base_model or cfg.model.base
+    if Path(spec).is_dir():
+        return Path(spec)
+    from gen_server.models import resolve_model  # packaged model names, e.g. smollm2-135m
+
+    return Path(resolve_model(spec))
 
 
 def resolve_base_model(cfg: Any) -> Path:
-    """The 16-bit model round ``cfg.train.round`` starts from (a packaged name is prepared on first use)."""
+    """The 16-bit model round ``cfg.train.round`` trains on (a packaged name is prepared on first use)."""
     k = cfg.train.round
-    if cfg.train.base_model:
-        spec = cfg.train.base_model
-    elif k == 0:
-        spec = cfg.model.base
-    else:
-        prev = RunDir.from_config(cfg).round(k - 1, create=False).merged
-        if not prev.is_dir():
-            raise FileNotFoundError(
-                f"round {k} starts from {prev}, which does not exist; run `python -m trainer.merge --config CFG "
-                f"train.round={k - 1}` first or set train.base_model=DIR"
-            )
-        return prev
-    if Path(spec).is_dir():
-        return Path(spec)
-    from gen_server.models import resolve_model  # packaged demo model names, e.g. smollm2-135m
+    if cfg.train.base_model or k == 0 or cfg.train.continue_adapter:
+        return _original_base(cfg)
+    prev = RunDir.from_config(cfg).round(k - 1, create=False).merged
+    if not prev.is_dir():
+        raise FileNotFoundError(
+            f"round {k} starts from {prev}, which does not exist; run `python -m trainer.merge --config CFG "
+            f"train.round={k - 1}` first or set train.base_model=DIR"
+        )
+    return prev
 
-    return Path(resolve_model(spec))
+
+def resolve_init_adapter(cfg: Any) -> Path | None:
+    """Round k-1's adapter when round k continues it (``train.continue_adapter``), else None."""
+    k = cfg.train.round
+    if k == 0 or not cfg.train.continue_adapter:
+        return None
+    prev = RunDir.from_config(cfg).round(k - 1, create=False).adapter
+    if not (prev / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"round {k} continues round {k - 1}'s adapter, but {prev} holds none; run `python -m trainer.dpo --config "
+            f"CFG train.round={k - 1}` first, or set train.continue_adapter=false to train a fresh LoRA on "
+            f"round {k - 1}'s merge"
+        )
+    return prev
 
 
 def resolve_train_paths(cfg: Any) -> TrainPaths:
@@ -54,4 +79,5 @@ def resolve_train_paths(cfg: Any) -> TrainPaths:
         pairs_dir=Path(cfg.train.pairs_dir) if cfg.train.pairs_dir else rd.pairs,
         adapter_dir=adapter,
         train_dir=adapter.parent / "train",
+        init_adapter=resolve_init_adapter(cfg),
     )

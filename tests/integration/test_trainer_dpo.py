@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from shared.config import load_config
 from shared.ledger import CostLedger
 from shared.prompting import load_template
-from tests.tiny import make_tiny_model
+from tests.tiny import make_tiny_model, ref_logps
 from trainer.dpo import RefLogpsMismatch, train
 from trainer.merge import MergeVerificationError, merge_adapter, verify_merged
 
@@ -140,29 +140,9 @@ def test_budget_stops_with_a_checkpoint(tmp_path):
     assert json.loads((result.adapter_dir / "train_summary.json").read_text())["status"] == "budget"
 
 
-def _ref_logps(model_dir: Path, rows: list[dict]) -> list[dict]:
-    """Reference log-probs computed independently of TRL: sum of log p(response + eos | prompt)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    for r in rows:
-        n_prompt = len(tok(r["prompt"])["input_ids"])
-        scores = {}
-        for side in ("chosen", "rejected"):
-            ids = torch.tensor([tok(r["prompt"] + r[side] + tok.eos_token)["input_ids"]])
-            with torch.no_grad():
-                logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-            targets = ids[0, 1:]
-            scores[f"ref_{side}_logps"] = logp[n_prompt - 1 :].gather(-1, targets[n_prompt - 1 :, None]).sum().item()
-        out.append({**r, **scores})
-    return out
-
-
 def test_supplied_ref_logps_are_used_and_checked(tmp_path):
     model = make_tiny_model(tmp_path / "model", seed=0)
-    rows = _ref_logps(model, _pairs(8))
+    rows = ref_logps(model, _pairs(8))
     pairs = tmp_path / "run" / "round-0" / "pairs"
     pairs.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(pairs / "shard-00000.parquet")
