@@ -149,8 +149,13 @@ class TrainConfig(Section):
         "auto", description="auto: unsloth when CUDA and unsloth are present, else peft (transformers + PEFT)."
     )
     base_model: str | None = Field(
-        None, description="16-bit model dir (or packaged name) to train; default: model.base in round 0, "
-        "else round-(k-1)/merged."
+        None, description="16-bit model dir (or packaged name) to train; default: model.base (with "
+        "continue_adapter), else model.base in round 0 and round-(k-1)/merged after."
+    )
+    continue_adapter: bool = Field(
+        True, description="Round k>0 keeps training round k-1's adapter over the ORIGINAL base (its frozen copy is "
+        "the DPO reference), so each round starts from the policy the last one produced. false = a fresh LoRA on "
+        "round k-1's merge, whose small update a 4-bit load of the merge can round away."
     )
     pairs_dir: Path | None = Field(None, description="Dir of parquet pair shards; default round-k/pairs.")
     output_dir: Path | None = Field(None, description="Final adapter dir; default round-k/adapter (checkpoints, "
@@ -277,6 +282,8 @@ class PairsConfig(Section):
     ray_address: str | None = Field(None, description="Ray address; None = Ray's default (RAY_ADDRESS, else a running "
                                     "local cluster, else a new one); 'local' = always a new in-process Ray.")
     progress: bool = Field(True, description="Live progress bar (pairs/s, tokens/s, acceptance, ETA, cost).")
+    record_candidates: bool = Field(False, description="Write every candidate (raw completion, checks, problem) of "
+                                    "every item to pairs/.meta/candidates.jsonl, for audits and labelling.")
 
 
 class GuardsConfig(Section):
