@@ -1,7 +1,9 @@
 """The run's final report: ``RUN/report.md`` and a self-contained ``RUN/report.html`` (PNGs embedded).
 
-Scores per round with 95% bootstrap intervals, pair counts and drop reasons, DPO curves, time and cost per
-stage and per accepted pair, and the resolved config. Built from the files the stages wrote, so it can be
+Scores per round with 95% bootstrap intervals; degeneration per round (truncation, loops, distinct-n,
+length, unrequested habits) and whether each round passed its promotion guards; the score on the held-out
+instruction types and IFEval by instruction type per round; pair counts and drop reasons, DPO curves, time
+and cost per stage and per accepted pair, and the resolved config. Built from the files the stages wrote, so it can be
 regenerated at any time: ``python -m pipeline report RUN``.
 """
 
@@ -67,6 +69,105 @@ def _scores_plot(rounds: list[tuple[int, dict[str, Any], tuple[float, float] | N
     return out
 
 
+RATE_COLS = ("truncation_rate", "loop_rate", "lowercase_rate", "uppercase_rate", "no_comma_rate", "long_rate")
+
+
+def _degeneration_plot(rows: list[tuple[int, dict[str, Any]]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [k for k, _ in rows]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for m in RATE_COLS:
+        vals = [f[m] for _, f in rows]
+        if any(v is not None for v in vals):
+            ax.plot(ks, [float("nan") if v is None else v for v in vals], marker="o", label=m.removesuffix("_rate"))
+    ax.set_ylim(0, 1)
+    ax.set_xticks(ks)
+    ax.set_xlabel("round")
+    ax.set_ylabel("share of answers")
+    ax.set_title("Degeneration and unrequested habits")
+    ax.legend(fontsize=7)
+    for m, style in (("words_median", "-"), ("words_p90", "--"), ("words_mean", ":")):
+        ax2.plot(ks, [f[m] for _, f in rows], marker="o", ls=style, label=m.removeprefix("words_"))
+    ax2.set_xticks(ks)
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("words per answer")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("Answer length")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
+    """Degeneration, guards, held-out types and IFEval by instruction type, per round."""
+    from eval.degeneration import flat
+    from pipeline.run import _measures, guard_failures
+
+    get = _measures(cfg, rd)
+    blocks: list[Block] = []
+    deg = [(k, flat(get(k)["degeneration"])) for k in ks if get(k)["degeneration"]]
+    if deg:
+        g = cfg.pipeline.guards
+        rows = []
+        for k, f in deg:
+            fails = guard_failures(cfg, rd, k, get) if k in ks else []
+            verdict = "baseline" if k == 0 else ("off" if not g.enabled else
+                                                 "pass" if not fails else "FAIL: " + "; ".join(fails))
+            rows.append([str(k), *(_fmt(f[m]) for m in RATE_COLS), _fmt(f["distinct_1"]), _fmt(f["distinct_2"]),
+                         f"{f['words_median']:.0f} / {f['words_p90']:.0f} / {f['words_mean']:.0f}", verdict])
+        blocks += [
+            ("h2", "Degeneration by round"),
+            ("p", f"Habits count only answers to prompts that did not ask for them (lowercase, uppercase: at least "
+                  f"a few letters; no_comma: answers over 20 words; long: over {cfg.eval.long_answer_words} words, "
+                  f"prompts without a length instruction). Round k>0 is promoted only if its gate metric rose and "
+                  f"its guards pass: truncation +{g.max_truncation_rise}, loops +{g.max_loop_rise}, each habit "
+                  f"+{g.max_habit_rise} over round 0, median length <= {g.max_length_ratio}x round 0's, held-out "
+                  f"score not below round 0's or the previous round's by more than {g.heldout_tolerance}."),
+            ("table", (["round", "truncated", "looping", "lowercase", "uppercase", "no comma", "long", "distinct-1",
+                        "distinct-2", "words median / p90 / mean", "guards"], rows)),
+            ("img", _degeneration_plot(deg, rd.path / "degeneration_by_round.png"))]
+    held = [(k, get(k)["heldout"]) for k in ks if get(k)["heldout"]]
+    if held and any(h["n_instructions"] for _, h in held):
+        base = held[0][1]
+        rows = []
+        for k, h in held:
+            o = h["others"]
+            d0 = (f"{h['loose'] - base['loose']:+.4f}" if h["loose"] is not None and base["loose"] is not None
+                  and k != held[0][0] else "")
+            rows.append([str(k), _fmt(h["strict"], ".4f"), _fmt(h["loose"], ".4f"), d0, str(h["n_instructions"]),
+                         _fmt(o["strict"], ".4f"), _fmt(o["loose"], ".4f"), str(o["n_instructions"])])
+        blocks += [("h2", "Held-out instruction types by round"),
+                   ("p", "Instruction types pair building never draws (eval.heldout_types: "
+                         + ", ".join(cfg.eval.heldout_types) + "): a gain here is teaching that generalises; a gain "
+                         "only on the other types can be habits."),
+                   ("table", (["round", "held-out strict", "held-out loose", "loose vs first", "n",
+                               "others strict", "others loose", "n"], rows))]
+    by_type: dict[str, dict[int, dict[str, Any]]] = {}
+    for k in ks:
+        s = _read(rd.round(k, create=False).eval / "scores.json") or {}
+        for iid, v in s.get("by_instruction", {}).items():
+            if ":" in iid:
+                by_type.setdefault(iid, {})[k] = v
+    if by_type:
+        held_set = set(cfg.eval.heldout_types)
+        rows = [[iid + (" (held out)" if iid in held_set else ""),
+                 *(f"{v[k]['loose']:.3f}" if k in v else "" for k in ks),
+                 str(v[max(v)]["count"])] for iid, v in sorted(by_type.items())]
+        blocks += [("h2", "IFEval by instruction type and round (loose)"),
+                   ("table", (["instruction", *[f"round {k}" for k in ks], "n"], rows))]
+    return blocks
+
+
 def build(cfg: Config, rd: RunDir, state: RunState) -> list[Block]:
     metric = cfg.eval.gate_metric
     blocks: list[Block] = [("h1", f"Run {rd.path.name}")]
@@ -89,6 +190,7 @@ def build(cfg: Config, rd: RunDir, state: RunState) -> list[Block]:
         blocks += [("h2", f"Scores by round ({rounds[0][1].get('suite')} suite)"),
                    ("table", (["round", *METRICS, f"{metric} 95% CI", "gain", "prompts"], rows)),
                    ("img", _scores_plot(rounds, metric, rd.path / "scores_by_round.png"))]
+        blocks += _measure_blocks(cfg, rd, [k for k, _, _ in rounds])
 
     pair_rows, drops, cost_rows = [], {}, []
     total_cost, total_kept = 0.0, 0

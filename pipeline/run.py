@@ -2,9 +2,12 @@
 into ``round-k/eval``, decides whether to stop, builds ``round-k/pairs`` from it, stops the server (the
 GPU is free before training), trains ``round-k/adapter`` and merges ``round-k/merged`` = model_k+1.
 
-Stopping rules, checked after each eval: target reached (``eval.target`` on ``eval.gate_metric``);
-regression (round k significantly worse than k-1 by eval's paired bootstrap: model_k is not promoted);
-plateau (gain below ``pipeline.min_gain``); budget spent (``cost.budget_usd``); max rounds.
+Stopping rules, checked after each eval: regression (round k significantly worse than k-1 by eval's paired
+bootstrap: model_k is not promoted); a failed promotion guard (``pipeline.guards``: degeneration - truncation,
+loops, unrequested habits, median length - beyond its bound of round 0's, or the score on the held-out
+instruction types below round 0's or round k-1's: model_k is not promoted); target reached (``eval.target``
+on ``eval.gate_metric``); plateau (gain below ``pipeline.min_gain``); budget spent (``cost.budget_usd``); max
+rounds. A round that is not promoted hands over to the best earlier round that passed.
 
 Stages run as child processes through their own CLIs (the same commands users run by hand), so the
 pipeline holds no model code and no GPU memory itself.
@@ -78,35 +81,119 @@ def _check_saved_config(rd: RunDir, cfg: Config) -> None:
     rd.save_config(cfg)
 
 
+def _measures(cfg: Config, rd: RunDir) -> Any:
+    """Round j -> its eval's degeneration and held-out blocks under this config's settings (read once per j)."""
+    from eval.report import measures_of
+
+    cache: dict[int, dict[str, Any]] = {}
+
+    def get(j: int) -> dict[str, Any]:
+        if j not in cache:
+            cache[j] = measures_of(rd.round(j, create=False).eval, heldout_types=cfg.eval.heldout_types,
+                                   long_words=cfg.eval.long_answer_words)
+        return cache[j]
+    return get
+
+
+def guard_failures(cfg: Config, rd: RunDir, k: int, measures: Any = None) -> list[str]:
+    """Why round k may not be promoted although its gate metric rose: one line per measure outside
+    ``pipeline.guards`` (with the numbers); empty when it passes. Degeneration is compared with round 0, the
+    held-out-type score with round 0 and with round k-1. A measure an eval could not compute (an old eval
+    without responses, a suite that asks no held-out type) is skipped with a warning."""
+    g = cfg.pipeline.guards
+    if k == 0 or not g.enabled:
+        return []
+    from eval.degeneration import HABITS, flat
+
+    get = measures or _measures(cfg, rd)
+    fails: list[str] = []
+    d0, dk = get(0)["degeneration"], get(k)["degeneration"]
+    if d0 is None or dk is None:
+        log.warning("round %d: degeneration not measured in round %d's eval (results without responses); its "
+                    "guards are skipped", k, 0 if d0 is None else k)
+    else:
+        f0, fk = flat(d0), flat(dk)
+        bounds = [("truncation_rate", g.max_truncation_rise, "max_truncation_rise"),
+                  ("loop_rate", g.max_loop_rise, "max_loop_rise"),
+                  *((f"{h}_rate", g.max_habit_rise, "max_habit_rise") for h in HABITS)]
+        for m, bound, name in bounds:
+            a, b = f0[m], fk[m]
+            if a is not None and b is not None and b - a > bound + 1e-9:
+                fails.append(f"{m} {b:.3f} vs {a:.3f} in round 0 ({b - a:+.3f} > pipeline.guards.{name}={bound})")
+        a, b = f0["words_median"], fk["words_median"]
+        if b > g.max_length_ratio * max(a, 1.0) + 1e-9:
+            fails.append(f"words_median {b:.0f} vs {a:.0f} in round 0 ({b / max(a, 1.0):.1f}x > "
+                         f"pipeline.guards.max_length_ratio={g.max_length_ratio})")
+    level = "loose" if cfg.eval.gate_metric.endswith("loose") else "strict"
+    hk = (get(k)["heldout"] or {}).get(level)
+    if hk is None:
+        if cfg.eval.heldout_types:
+            log.warning("round %d: the eval asks none of the held-out types %s: the held-out guard is skipped",
+                        k, cfg.eval.heldout_types)
+        return fails
+    for j in sorted({0, k - 1}):
+        hj = (get(j)["heldout"] or {}).get(level)
+        if hj is not None and hk < hj - g.heldout_tolerance - 1e-9:
+            fails.append(f"held-out types' instruction_{level} {hk:.3f} vs {hj:.3f} in round {j} ({hk - hj:+.3f}, "
+                         f"below pipeline.guards.heldout_tolerance={g.heldout_tolerance}; "
+                         f"{get(k)['heldout']['n_instructions']} instructions)")
+    return fails
+
+
+def _fallback(cfg: Config, rd: RunDir, k: int, measures: Any) -> tuple[int, str]:
+    """The best round before k (gate metric; the earlier on a tie) whose promotion guards passed, and its model."""
+    def gate(j: int) -> float:
+        return json.loads((rd.round(j, create=False).eval / "scores.json").read_text())[cfg.eval.gate_metric]
+
+    passed = [j for j in range(k) if not guard_failures(cfg, rd, j, measures)]  # round 0 always passes
+    best = max(passed, key=lambda j: (gate(j), -j))
+    return best, str(model_of_round(cfg, rd, best))
+
+
 def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
-    """(reason, promoted model dir) when the loop should stop after round k's eval, else None."""
+    """(reason, promoted model dir) when the loop should stop after round k's eval, else None.
+
+    Round k>0 is promoted only when its gate metric rose over round k-1 AND its promotion guards pass
+    (:func:`guard_failures`: degeneration within bounds of round 0, held-out-type score not below round 0's
+    or round k-1's). A significant regression or a failed guard stops the run and rolls back to the best
+    earlier round that passed; target, plateau, budget and max rounds then stop it as before."""
     from eval.report import compare
 
     ev = cfg.eval
     scores = json.loads((rd.round(k, create=False).eval / "scores.json").read_text())
     this_model = str(model_of_round(cfg, rd, k))
+    measures = _measures(cfg, rd)
+    gain = None
     if k > 0:
         prev_eval = rd.round(k - 1, create=False).eval
-        c = compare(prev_eval, rd.round(k, create=False).eval)["metrics"][ev.gate_metric]
+        c = compare(prev_eval, rd.round(k, create=False).eval, heldout_types=ev.heldout_types,
+                    long_words=ev.long_answer_words)["metrics"][ev.gate_metric]
         if cfg.pipeline.rollback_on_regression and c["significant"] and c["delta"] < 0:
+            j, model = _fallback(cfg, rd, k, measures)
             return (f"regression: round {k} scored {c['b']:.4f} vs {c['a']:.4f} in round {k - 1} on {ev.gate_metric} "
-                    f"(95% CI of the change {c['ci95'][0]:+.4f}..{c['ci95'][1]:+.4f}); round {k - 1}'s model is kept",
-                    str(model_of_round(cfg, rd, k - 1)))
-    if scores[ev.gate_metric] >= ev.target:
-        return f"target reached: {ev.gate_metric}={scores[ev.gate_metric]:.4f} >= {ev.target}", this_model
-    if k > 0:
-        prev = json.loads((rd.round(k - 1, create=False).eval / "scores.json").read_text())
+                    f"(95% CI of the change {c['ci95'][0]:+.4f}..{c['ci95'][1]:+.4f}); round {j}'s model is kept",
+                    model)
+        prev = json.loads((prev_eval / "scores.json").read_text())
         gain = scores[ev.gate_metric] - prev[ev.gate_metric]
-        if gain < cfg.pipeline.min_gain:
-            # within noise either way: keep the better-scoring of the two
-            best = this_model if gain >= 0 else str(model_of_round(cfg, rd, k - 1))
-            return (f"plateau: {ev.gate_metric} gained {gain:+.4f} over round {k - 1} "
-                    f"(< pipeline.min_gain={cfg.pipeline.min_gain})", best)
+        fails = guard_failures(cfg, rd, k, measures)
+        if fails:
+            j, model = _fallback(cfg, rd, k, measures)
+            return (f"guard failed: round {k} ({ev.gate_metric} {scores[ev.gate_metric]:.4f}, {gain:+.4f} over round "
+                    f"{k - 1}) is not promoted: " + "; ".join(fails)
+                    + f"; round {j}'s model is kept (the best earlier round that passed)", model)
+    # guards passed; round k>0 is promoted only if its gate metric rose, else the best earlier round is
+    promoted = this_model if gain is None or gain > 0 else _fallback(cfg, rd, k, measures)[1]
+    if scores[ev.gate_metric] >= ev.target:
+        return f"target reached: {ev.gate_metric}={scores[ev.gate_metric]:.4f} >= {ev.target}", promoted
+    if gain is not None and gain < cfg.pipeline.min_gain:
+        # within noise either way: keep the better-scoring model
+        return (f"plateau: {ev.gate_metric} gained {gain:+.4f} over round {k - 1} "
+                f"(< pipeline.min_gain={cfg.pipeline.min_gain})", promoted)
     spent = _spent(rd) if cfg.cost.budget_usd is not None else 0.0  # reads every round's ledger: once
     if cfg.cost.budget_usd is not None and spent >= cfg.cost.budget_usd:
-        return f"budget spent: ${spent:.2f} >= cost.budget_usd=${cfg.cost.budget_usd:.2f}", this_model
+        return f"budget spent: ${spent:.2f} >= cost.budget_usd=${cfg.cost.budget_usd:.2f}", promoted
     if k >= cfg.pipeline.rounds:
-        return f"max rounds: {cfg.pipeline.rounds} round(s) trained", this_model
+        return f"max rounds: {cfg.pipeline.rounds} round(s) trained", promoted
     return None
 
 
@@ -165,7 +252,8 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
                                                           temperature=ev.temperature),
                     template=load_template(cfg.model.template), concurrency=ev.concurrency,
                     prompts_per_request=ev.prompts_per_request, timeout=cfg.client.timeout_s,
-                    max_retries=cfg.client.max_retries)
+                    max_retries=cfg.client.max_retries, heldout_types=ev.heldout_types,
+                    long_words=ev.long_answer_words)
                 st.add(completion_tokens=scores["completion_tokens"], prompts=scores["n_prompts"])
             log.info("round %d eval: %s=%.4f", k, ev.gate_metric, scores[ev.gate_metric])
             _mark(state, f"round-{k}/eval", **{m: scores[m] for m in ("prompt_strict", "prompt_loose",

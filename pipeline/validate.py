@@ -26,6 +26,25 @@ def _template_tokens(model_dir: Path, prompt: str) -> int | None:
     return len(Tokenizer.from_file(str(tok_file)).encode(prompt).ids)
 
 
+def _heldout_problems(cfg: Config) -> list[str]:
+    """eval.heldout_types must be IFEval ids and leave the generator something to draw; say what it cannot hold out."""
+    from eval.constraints import GENERATED_IDS, check_heldout_types
+
+    types = cfg.eval.heldout_types
+    problems = [f"eval.heldout_types: {p}" for p in check_heldout_types(types)]
+    never = [t for t in types if t not in GENERATED_IDS]
+    if never and not problems:
+        log.info("eval.heldout_types %s: the constraint generator never draws these anyway; they are scored on "
+                 "their own but hold nothing back from training", never)
+    if types and "file" in cfg.pairs.sources:
+        log.warning("pairs.sources has 'file': constraints given in %s are used as written, held-out types "
+                    "included; only generated constraints leave eval.heldout_types out", cfg.pairs.input_file)
+    if cfg.pipeline.guards.enabled and cfg.eval.limit is not None and cfg.eval.limit < 100:
+        log.info("eval.limit=%d: the promotion guards compare point estimates over few prompts; expect noise to "
+                 "refuse some rounds (pipeline.guards.* trade that off)", cfg.eval.limit)
+    return problems
+
+
 def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
     problems: list[str] = []
     if cfg.train.base_model or cfg.merge.base_model:
@@ -44,6 +63,7 @@ def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
                         "set the machine's price")
     if cfg.server.backend == "vllm" and cfg.train.backend == "peft" and cfg.train.load_in_4bit is False:
         log.info("serving with vLLM but training 16-bit PEFT: fine, but check trainer.plan for memory")
+    problems += _heldout_problems(cfg)
     tpl = load_template(cfg.model.template)
     if model_dir is not None:
         n = _template_tokens(model_dir, tpl.render("x " * 40))

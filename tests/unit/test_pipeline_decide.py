@@ -98,3 +98,119 @@ def test_pairs_command_for_both_runners(tmp_path, base_dir):
     assert json.loads(runtime_env.read_text()) == {"env_vars": {"GEN_SERVER_API_KEY": "sekret"}}
     assert runtime_env.stat().st_mode & 0o777 == 0o600
     assert cmd[cmd.index("--") + 1:][:3] == ["python", "-m", "pair_builder"]
+
+
+# --- promotion guards: degeneration within bounds of round 0, held-out types not falling -----------------
+
+ESSAY = ("Tides are the regular rise and fall of the sea. They are caused mainly by the gravity of the Moon, "
+         "which pulls the water on the near side of the Earth towards it, and by the rotation of the Earth. "
+         "The Sun also plays a part: when the Sun and the Moon line up, at new and full moon, the tides are "
+         "higher than usual; these are called spring tides.")
+LONG = ESSAY + (" Neap tides happen when the Sun and the Moon pull at right angles to each other, so the "
+                "difference between high and low water is smaller. Most coasts see two high tides and two low tides "
+                "each day, about twelve hours and twenty-five minutes apart, because the Moon moves along its orbit "
+                "while the Earth turns. Local shape matters too: a funnel-shaped bay such as the Bay of Fundy can "
+                "amplify the range to more than fifteen metres, while enclosed seas like the Mediterranean barely "
+                "notice the tide at all. Sailors, fishers and engineers read tide tables to plan their work.")
+LOOP = "Ideas for a party:\n" + "* ice cube in the shape of a shaker\n" * 40
+HELD = "startend:quotation"  # one of the default held-out types
+
+
+def _guarded_eval(rd, k, score, *, heldout=0.5, trunc=0.0, loop=0.0, lower=0.0, text=ESSAY):
+    """100 prompts: each asks keywords:existence (followed by the first `score` share); every 4th also asks a
+    held-out type (followed by the first `heldout` share of those). Response habits by share of prompts."""
+    rows = []
+    for i in range(100):
+        ids, follow = ["keywords:existence"], [i < score * 100]
+        if i % 4 == 0:
+            ids.append(HELD)
+            follow.append(i // 4 < heldout * 25)
+        resp = text
+        if i >= 100 - loop * 100:
+            resp = LOOP
+        elif 50 <= i < 50 + lower * 100:
+            resp = text.lower()
+        rows.append({"key": f"k{i}", "instruction_id_list": ids, "follow_strict": follow, "follow_loose": follow,
+                     "prompt_strict": all(follow), "prompt_loose": all(follow),
+                     "finish_reason": "length" if i < trunc * 100 else "stop", "response": resp})
+    d = rd.round(k).eval
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flat = [f for r in rows for f in r["follow_strict"]]
+    prompt = sum(r["prompt_strict"] for r in rows) / len(rows)
+    (d / "scores.json").write_text(json.dumps({"prompt_strict": prompt, "prompt_loose": prompt,
+                                               "instruction_strict": sum(flat) / len(flat),
+                                               "instruction_loose": sum(flat) / len(flat)}))
+
+
+def test_guards_pass_a_healthy_gain(tmp_path, base_dir):
+    cfg, rd = _setup(tmp_path, base_dir)
+    _guarded_eval(rd, 0, 0.2, trunc=0.1, loop=0.01)
+    assert decide(cfg, rd, 0) is None
+    _guarded_eval(rd, 1, 0.5, heldout=0.6, trunc=0.15, loop=0.03, lower=0.1)  # every measure at its bound
+    assert decide(cfg, rd, 1) is None
+
+
+@pytest.mark.parametrize("kwargs, names, relax", [
+    ({"trunc": 0.2}, ["truncation_rate 0.200 vs 0.000 in round 0 (+0.200 > pipeline.guards.max_truncation_rise=0.05)"],
+     "pipeline.guards.max_truncation_rise=0.25"),
+    ({"loop": 0.05}, ["loop_rate 0.050 vs 0.000 in round 0", "max_loop_rise=0.02"], "pipeline.guards.max_loop_rise=0.1"),
+    ({"lower": 0.3}, ["lowercase_rate 0.300 vs 0.000 in round 0", "max_habit_rise=0.1"],
+     "pipeline.guards.max_habit_rise=0.4"),
+    ({"text": LONG}, ["words_median 173 vs 70 in round 0 (2.5x > pipeline.guards.max_length_ratio=2.0)"],
+     "pipeline.guards.max_length_ratio=2.5"),
+    ({"heldout": 0.4}, ["held-out types' instruction_loose 0.400 vs 0.520 in round 0 (-0.120", "25 instructions"],
+     "pipeline.guards.heldout_tolerance=0.15"),
+])
+def test_each_guard_refuses_promotion_and_names_the_numbers(tmp_path, base_dir, kwargs, names, relax):
+    cfg, rd = _setup(tmp_path, base_dir)
+    _guarded_eval(rd, 0, 0.2, heldout=0.52)
+    _guarded_eval(rd, 1, 0.6, **{"heldout": 0.52, **kwargs})
+    reason, promoted = decide(cfg, rd, 1)
+    assert reason.startswith("guard failed: round 1 (prompt_loose 0.5") and "over round 0) is not promoted: " in reason
+    for n in names:
+        assert n in reason, reason
+    assert "round 0's model is kept" in reason and promoted == str(base_dir)
+    cfg, rd = _setup(tmp_path, base_dir, relax)
+    assert decide(cfg, rd, 1) is None
+    cfg, rd = _setup(tmp_path, base_dir, "pipeline.guards.enabled=false")
+    assert decide(cfg, rd, 1) is None
+
+
+def test_heldout_compares_with_the_previous_round_too(tmp_path, base_dir):
+    cfg, rd = _setup(tmp_path, base_dir)
+    _guarded_eval(rd, 0, 0.2, heldout=0.4)
+    _guarded_eval(rd, 1, 0.4, heldout=0.8)
+    assert decide(cfg, rd, 1) is None
+    _guarded_eval(rd, 2, 0.6, heldout=0.6)  # still above round 0, but below round 1
+    reason, promoted = decide(cfg, rd, 2)
+    assert "0.600 vs 0.800 in round 1" in reason and "in round 0" not in reason
+    assert "round 1's model is kept" in reason and promoted == str(rd.round(0).merged)
+
+
+def test_rollback_goes_to_the_best_earlier_round_that_passed(tmp_path, base_dir):
+    # round 1 failed its guards but the run went on (e.g. continued with guards off, then on again)
+    cfg, rd = _setup(tmp_path, base_dir)
+    _guarded_eval(rd, 0, 0.2)
+    _guarded_eval(rd, 1, 0.6, loop=0.3)
+    _guarded_eval(rd, 2, 0.7, loop=0.3)
+    reason, promoted = decide(cfg, rd, 2)
+    assert reason.startswith("guard failed") and "round 0's model is kept" in reason and promoted == str(base_dir)
+
+
+def test_measures_use_the_configured_heldout_types_and_strict_level(tmp_path, base_dir):
+    # with keywords:existence held out, its drop from 0.5 to 0.4 is what the guard sees
+    cfg, rd = _setup(tmp_path, base_dir, "eval.heldout_types=[keywords:existence]",
+                     "eval.gate_metric=instruction_strict", "pipeline.min_gain=0.0")
+    _guarded_eval(rd, 0, 0.5, heldout=0.0)
+    _guarded_eval(rd, 1, 0.4, heldout=1.0)  # more instructions followed overall, fewer of the held-out type
+    reason, promoted = decide(cfg, rd, 1)
+    assert "held-out types' instruction_strict 0.400 vs 0.500 in round 0" in reason and promoted == str(base_dir)
+
+
+def test_a_tie_is_not_a_rise(tmp_path, base_dir):
+    cfg, rd = _setup(tmp_path, base_dir, "pipeline.rounds=1")
+    _eval(rd, 0, [True] * 50 + [False] * 50)
+    _eval(rd, 1, [True] * 50 + [False] * 50)
+    reason, promoted = decide(cfg, rd, 1)
+    assert reason.startswith("plateau") and promoted == str(base_dir)

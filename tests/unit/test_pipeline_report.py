@@ -1,0 +1,38 @@
+"""The run report shows degeneration, guard verdicts, held-out types and IFEval by type per round."""
+
+import json
+
+from pipeline.report import write_report
+from pipeline.state import RunState
+from tests.unit.test_pipeline_decide import _guarded_eval, _setup, base_dir  # noqa: F401 (fixture)
+
+
+def _add_by_instruction(rd, k, score):
+    p = rd.round(k, create=False).eval / "scores.json"
+    s = json.loads(p.read_text())
+    s.update(n_prompts=100, suite="own", by_instruction={
+        "keywords": {"strict": score, "loose": score, "count": 100},
+        "keywords:existence": {"strict": score, "loose": score, "count": 100},
+        "startend:quotation": {"strict": 0.5, "loose": 0.5, "count": 25}})
+    p.write_text(json.dumps(s))
+
+
+def test_report_per_round_measures(tmp_path, base_dir):  # noqa: F811
+    cfg, rd = _setup(tmp_path, base_dir)
+    _guarded_eval(rd, 0, 0.2, heldout=0.4)
+    _guarded_eval(rd, 1, 0.5, heldout=0.6)
+    _guarded_eval(rd, 2, 0.7, heldout=0.6, loop=0.2)
+    for k, sc in ((0, 0.2), (1, 0.5), (2, 0.7)):
+        _add_by_instruction(rd, k, sc)
+    state = RunState(rd.path)
+    state.stop("guard failed: ...", round=2, promoted=str(rd.round(0).merged))
+    md = write_report(cfg, rd, state).read_text()
+    assert "## Degeneration by round" in md and "| 0 | 0.000 | 0.000 |" in md
+    assert "| baseline |" in md and "| pass |" in md and "FAIL: loop_rate 0.200 vs 0.000 in round 0" in md
+    assert "## Held-out instruction types by round" in md and "| 1 | 0.6000 | 0.6000 | +0.2000 | 25 |" in md
+    assert "## IFEval by instruction type and round (loose)" in md
+    assert "| startend:quotation (held out) | 0.500 | 0.500 | 0.500 | 25 |" in md
+    assert "| keywords:existence | 0.200 | 0.500 | 0.700 | 100 |" in md
+    assert (rd.path / "degeneration_by_round.png").stat().st_size > 1000
+    html = (rd.path / "report.html").read_text()
+    assert "Degeneration by round" in html and html.count("data:image/png;base64") >= 2

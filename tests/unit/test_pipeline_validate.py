@@ -1,0 +1,20 @@
+"""Cross-section checks of the held-out instruction types (before a run starts)."""
+
+import pytest
+
+from eval.constraints import GENERATED_IDS
+from pipeline.validate import validate_pipeline
+from shared.config import ConfigError, load_config
+
+
+def test_default_heldout_types_pass():
+    validate_pipeline(load_config(None), None)
+
+
+def test_unknown_or_all_heldout_types_are_refused():
+    cfg = load_config(None, ["eval.heldout_types=[keywords:nonsense, startend:quotation]"])
+    with pytest.raises(ConfigError, match="'keywords:nonsense' is not an IFEval instruction id"):
+        validate_pipeline(cfg, None)
+    cfg = load_config(None, [f"eval.heldout_types=[{', '.join(GENERATED_IDS)}]"])
+    with pytest.raises(ConfigError, match="nothing left to train on"):
+        validate_pipeline(cfg, None)
