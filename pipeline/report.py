@@ -168,6 +168,58 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
     return blocks
 
 
+def _example_pairs(pairs_dir: Path, n: int = 3, seed: int = 0, chars: int = 600) -> list[str]:
+    """``n`` pairs of a round (a seeded sample), as readable text: instruction, constraints, chosen, rejected."""
+    import pyarrow.parquet as pq
+
+    shards = sorted(pairs_dir.glob("*.parquet"))
+    if not shards:
+        return []
+    cols = ["prompt", "chosen", "rejected", "constraints", "chosen_passed", "rejected_passed"]
+    rows = [r for sh in shards for r in pq.read_table(sh, columns=[c for c in cols if c in
+                                                                       pq.read_schema(sh).names]).to_pylist()]
+    rng = random.Random(seed)
+    out = []
+    for r in rng.sample(rows, min(n, len(rows))):
+        query = r["prompt"].rsplit("# Query:", 1)[-1].split("# Answer:", 1)[0].strip()
+        cut = lambda t: t if len(t) <= chars else t[:chars] + f" [... {len(t) - chars} more chars]"  # noqa: E731
+        out.append(f"INSTRUCTION: {query}\nCONSTRAINTS: {r.get('constraints', '')}\n\n"
+                   f"CHOSEN (passes {r.get('chosen_passed')}):\n{cut(r['chosen'])}\n\n"
+                   f"REJECTED (passes {r.get('rejected_passed')}):\n{cut(r['rejected'])}")
+    return out
+
+
+def _training_blocks(rd: RunDir, ks: list[int]) -> list[Block]:
+    """Per round: how far the policy moved from the original base, held-out reward accuracy, example pairs."""
+    rows, blocks = [], []
+    for k in ks:
+        r = rd.round(k, create=False)
+        summ = _read(r.adapter / "train_summary.json") or {}
+        merge = _read(r.merged / "merge_report.json") or {}
+        if not summ and not merge:
+            continue
+        m = summ.get("metrics", {})
+        rows.append([str(k), str(summ.get("train_pairs", "")), str(summ.get("eval_pairs", "")),
+                     str(summ.get("global_step", "")), str(summ.get("status", "")),
+                     _fmt(summ.get("start_kl_to_base"), ".3g"), _fmt(merge.get("adapter_effect_kl"), ".3g"),
+                     _fmt(m.get("eval_rewards/accuracies"), ".3f"), _fmt(m.get("eval_rewards/margins"), ".3f")])
+    if rows:
+        blocks += [("h2", "Training by round"),
+                   ("p", "KL: mean next-token KL to the ORIGINAL base on the merge's probe prompts, where round k "
+                         "started (its training policy) and where it ended (its merged model, which round k+1 serves). "
+                         "With train.continue_adapter each round starts where the last one ended. Held-out reward "
+                         "accuracy: the share of held-out pairs (train.eval_split) whose chosen answer the trained "
+                         "policy prefers over the rejected one, relative to the reference; 0.5 is chance."),
+                   ("table", (["round", "train pairs", "held-out pairs", "steps", "status", "KL to base at start",
+                               "KL to base after", "held-out reward accuracy", "held-out margin"], rows))]
+    for k in ks:
+        examples = _example_pairs(rd.round(k, create=False).pairs, seed=k)
+        if examples:
+            blocks.append(("h2", f"Example pairs, round {k}"))
+            blocks += [("text", ex) for ex in examples]
+    return blocks
+
+
 def build(cfg: Config, rd: RunDir, state: RunState) -> list[Block]:
     metric = cfg.eval.gate_metric
     blocks: list[Block] = [("h1", f"Run {rd.path.name}")]
@@ -224,6 +276,7 @@ def build(cfg: Config, rd: RunDir, state: RunState) -> list[Block]:
                 keep = {a: b for a, b in summ.items() if isinstance(b, (int, float, str)) and len(str(b)) < 80}
                 blocks.append(("table", (["field", "value"], [[a, str(b)] for a, b in keep.items()])))
             blocks += [("img", p) for p in imgs]
+    blocks += _training_blocks(rd, list(rd.rounds()))
     if cost_rows:
         per_pair = f"${total_cost / total_kept:.4f} per accepted pair" if total_kept else "no accepted pairs"
         blocks += [("h2", "Time and cost"),
@@ -251,6 +304,8 @@ def to_markdown(blocks: list[Block], base: Path) -> str:
             out.append(f"![{Path(v).name}]({rel})\n")
         elif kind == "pre":
             out.append(f"```yaml\n{v}```\n")
+        elif kind == "text":
+            out.append(f"```text\n{v}\n```\n")
     return "\n".join(out)
 
 
@@ -270,7 +325,7 @@ def to_html(blocks: list[Block]) -> str:
         elif kind == "img":
             data = base64.b64encode(Path(v).read_bytes()).decode()
             body.append(f'<img alt="{e(Path(v).name)}" src="data:image/png;base64,{data}">')
-        elif kind == "pre":
+        elif kind in ("pre", "text"):
             body.append(f"<pre>{e(v)}</pre>")
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}pre{background:#f6f6f6;"
