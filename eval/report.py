@@ -75,6 +75,13 @@ def read_results(eval_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
 
 
+def _recorded_settings(scores: dict[str, Any]) -> tuple[list[str], int]:
+    """(held-out types, long-answer words) an eval was scored with (scores.json), else the defaults."""
+    held, deg = scores.get("heldout"), scores.get("degeneration")
+    return (list(held["types"]) if held else list(DEFAULT_HELDOUT_TYPES),
+            deg["long_words"] if deg else dg.DEFAULT_LONG_WORDS)
+
+
 def measures_of(eval_dir: str | Path, *, heldout_types: Sequence[str] | None = None,
                 long_words: int | None = None) -> dict[str, Any]:
     """``{"degeneration": ..., "heldout": ...}`` of one eval dir, recomputed from its results.jsonl with these
@@ -84,10 +91,9 @@ def measures_of(eval_dir: str | Path, *, heldout_types: Sequence[str] | None = N
     d = Path(eval_dir)
     scores = json.loads((d / "scores.json").read_text()) if (d / "scores.json").exists() else {}
     rec_deg, rec_held = scores.get("degeneration"), scores.get("heldout")
-    if heldout_types is None:
-        heldout_types = rec_held["types"] if rec_held else DEFAULT_HELDOUT_TYPES
-    if long_words is None:
-        long_words = rec_deg["long_words"] if rec_deg else dg.DEFAULT_LONG_WORDS
+    rec_types, rec_long = _recorded_settings(scores)
+    heldout_types = rec_types if heldout_types is None else heldout_types
+    long_words = rec_long if long_words is None else long_words
     rows = read_results(d)
     deg = degeneration_of(rows, long_words) if rows else None
     if deg is None and rec_deg and rec_deg.get("long_words") == long_words:
@@ -191,14 +197,14 @@ def degeneration_lines(deg: dict[str, Any] | None) -> list[str]:
              "| unrequested habit | rate | over answers | counted |", "|---|---|---|---|"]
     for h, what in dg.HABITS.items():
         v = deg["habits"][h]
-        what = what.replace("the length limit", f"{deg['long_words']}")
+        what = what.replace("past the length limit (words)", f"over {deg['long_words']} words")
         lines.append(f"| {h} | {_f(v['rate'])} | {v['n']} | {what} |")
     return lines + [""]
 
 
 def heldout_lines(held: dict[str, Any] | None) -> list[str]:
     """Markdown for one eval's held-out-types block."""
-    if not held:
+    if not held or not held["types"]:
         return ["No held-out instruction types configured.", ""]
     if not held["n_instructions"]:
         return [f"The suite asks none of the held-out types ({', '.join(held['types'])}): no held-out score.", ""]
@@ -329,11 +335,10 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: i
     keys = sorted(set(a) & set(b))
     if not keys:
         raise ValueError(f"{a_dir} and {b_dir} share no prompts: compare evals of the same suite")
-    rec = measures_of(a_dir)  # what A was evaluated with, for the defaults
-    if heldout_types is None:
-        heldout_types = rec["heldout"]["types"] if rec["heldout"] else DEFAULT_HELDOUT_TYPES
-    if long_words is None:
-        long_words = rec["degeneration"]["long_words"] if rec["degeneration"] else dg.DEFAULT_LONG_WORDS
+    a_scores = Path(a_dir) / "scores.json"
+    rec_types, rec_long = _recorded_settings(json.loads(a_scores.read_text()) if a_scores.exists() else {})
+    heldout_types = rec_types if heldout_types is None else heldout_types
+    long_words = rec_long if long_words is None else long_words
     idx = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
     out: dict[str, Any] = {"n_paired": len(keys), "metrics": {}}
     ra, rb = [a[k] for k in keys], [b[k] for k in keys]
