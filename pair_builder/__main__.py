@@ -43,7 +43,7 @@ from pair_builder.sources import (
     seed_instructions,
     self_instruct_examples,
 )
-from pair_builder.verify import Bands
+from pair_builder.verify import Bands, Relevance
 from pair_builder.writer import OutputMismatch, PairWriter
 from shared.atomic import atomic_write_json, atomic_write_text, read_jsonl
 from shared.client import ServerUnavailable
@@ -71,6 +71,8 @@ def build_settings(cfg: Config, model: str, revision: str, eos_token: str | None
         bands=Bands(min_chars=p.min_chars, max_chars=p.max_chars, max_length_ratio=p.max_length_ratio,
                     min_edit_distance=p.min_edit_distance, max_edit_distance=p.max_edit_distance),
         no_constraint_rule=p.no_constraint_rule, ref_logprobs=p.ref_logprobs, eos_token=eos_token,
+        record_candidates=p.record_candidates, pair_rule=p.pair_rule, copy_span=p.copy_span,
+        rule_out_looping=p.rule_out_looping, relevance=Relevance(min_overlap=p.min_task_overlap, min_pmi=p.min_pmi),
     )
 
 
@@ -172,7 +174,7 @@ def run(cfg: Config) -> int:
     p = cfg.pairs
     checked = check_config(cfg)
     served = connect(checked.servers, checked.api_key, model=p.model, revision=p.model_revision,
-                     health_timeout=p.health_timeout_s, probe_logprobs=p.ref_logprobs)
+                     health_timeout=p.health_timeout_s, probe_logprobs=p.ref_logprobs or p.min_pmi is not None)
     eos = p.eos_token or eos_token(served.root)
     if p.ref_logprobs and eos is None:
         raise ConfigError([f"pairs.eos_token: the served model dir {served.root} is not readable here, so its eos "
@@ -239,6 +241,9 @@ def run(cfg: Config) -> int:
             "principles": len(checked.constitution.principles), "template_id": checked.template.id,
             "template_sha256": checked.template.sha256, "sampling": settings.sampling.as_dict(),
             "no_constraint_rule": p.no_constraint_rule, "ref_logprobs": p.ref_logprobs,
+            "filters": {"pair_rule": p.pair_rule, "copy_span": p.copy_span, "rule_out_looping": p.rule_out_looping,
+                        "min_task_overlap": p.min_task_overlap, "min_pmi": p.min_pmi,
+                        "max_edit_distance": p.max_edit_distance},
             "servers": ", ".join(checked.servers), "instructions": len(instructions),
             "sources": ", ".join(p.sources), "usd_per_hour": cfg.cost.gpu_usd_per_hour,
             "cost_usd": ledger.totals().get("pairs", {}).get("cost_usd", 0.0),  # every submission's pairs stage
@@ -246,7 +251,8 @@ def run(cfg: Config) -> int:
         kept = sum(1 for e in entries if e.get("kept"))
         info["cost_per_pair"] = info["cost_usd"] / kept if kept else 0.0
         stats = write_report(rd.pairs, writer.meta, entries, info,
-                             [len(i.task.split()) for i in instructions])
+                             [len(i.task.split()) for i in instructions], template=checked.template,
+                             constitution=checked.constitution, audit_sample=p.audit_sample)
     finally:
         if started_ray:
             ray.shutdown()

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError
 
-from pair_builder.build import BuildSettings, build_item
+from pair_builder.build import BuildSettings, build_item, example_index
 from pair_builder.constitution import Constitution
 from pair_builder.sample import Usage
 from pair_builder.sources import Instruction, request_tasks
@@ -38,10 +38,11 @@ class PairWorker:
         # The openai client retries connection errors, 429 and 5xx with exponential backoff and jitter.
         self.client = make_client(base_url, api_key, timeout=timeout, max_retries=max_retries)
         self.settings, self.template, self.constitution = settings, template, constitution
+        self.examples = example_index(settings, template, constitution)
 
     def build(self, instruction: dict[str, Any], principle_id: str) -> dict[str, Any]:
         result = build_item(self.client, Instruction.from_json(instruction), self.constitution.get(principle_id),
-                            settings=self.settings, template=self.template)
+                            settings=self.settings, template=self.template, examples=self.examples)
         result["server"] = self.base_url
         return result
 

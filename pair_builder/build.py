@@ -22,7 +22,17 @@ from pair_builder.critique import critique_and_revise
 from pair_builder.refscore import score_pair
 from pair_builder.sample import Candidate, SamplingSettings, Usage, request_seed, sample_responses
 from pair_builder.sources import Instruction
-from pair_builder.verify import Bands, NoConstraintRule, choose, score_candidates
+from pair_builder.relevance import score_overlap, score_pmi
+from pair_builder.verify import (
+    COPY_SPAN,
+    Bands,
+    ExampleIndex,
+    NoConstraintRule,
+    PairRule,
+    Relevance,
+    choose,
+    score_candidates,
+)
 from shared.prompting import BaseTemplate
 from shared.records import PairRecord, content_hash, pair_id
 
@@ -41,6 +51,11 @@ class BuildSettings:
     no_constraint_rule: NoConstraintRule
     ref_logprobs: bool
     eos_token: str | None = None  # appended to responses when scoring reference log-probs (as TRL does)
+    record_candidates: bool = False  # every candidate (raw text, checks, problem) goes to .meta/candidates.jsonl
+    pair_rule: PairRule = "dominance"  # chosen passes every constraint rejected passes, plus one ("count": more)
+    copy_span: int = COPY_SPAN  # rule out candidates sharing this many words with a few-shot example; 0 = off
+    rule_out_looping: bool = True  # rule out candidates eval.degeneration.is_looping calls looping
+    relevance: Relevance = Relevance()  # what chosen must reach: task-word overlap, PMI (pair_builder.relevance)
 
     def id_settings(self, template: BaseTemplate) -> dict[str, Any]:
         """The sampling settings hashed into pair ids (the template is part of what the model was asked)."""
@@ -64,16 +79,24 @@ def _weakest(cands: list[Candidate]) -> int | None:
     return min(pool, key=lambda i: (cands[i].n_passed, i)) if pool else None
 
 
+def example_index(settings: BuildSettings, template: BaseTemplate, constitution: Any) -> ExampleIndex | None:
+    """The few-shot answers candidates must not copy (None when ``copy_span`` is 0)."""
+    return ExampleIndex.from_sources(template, constitution, settings.copy_span) if settings.copy_span else None
+
+
 def build_item(client: Any, instruction: Instruction, principle: Principle, *, settings: BuildSettings,
-               template: BaseTemplate) -> dict[str, Any]:
-    """Build the pair for one instruction; the result records the pair or the drop reason, and the cost."""
+               template: BaseTemplate, examples: ExampleIndex | None = None) -> dict[str, Any]:
+    """Build the pair for one instruction; the result records the pair or the drop reason, and the cost.
+
+    ``examples``: few-shot answers a candidate must not copy (:func:`example_index`); None = no such check.
+    """
     iid = item_id(instruction, principle.id, settings, template)
     usage = Usage()
     result: dict[str, Any] = {"id": iid, "instruction_id": instruction.id, "kept": False, "reason": None,
                               "route": None, "n_constraints": len(instruction.constraints), "record": None,
                               "error": None}
     try:
-        _build(client, instruction, principle, iid, settings, template, usage, result)
+        _build(client, instruction, principle, iid, settings, template, usage, result, examples)
     except openai.BadRequestError as e:
         # Deterministic (e.g. prompt + max_tokens over the context length): retrying cannot help, so it is a drop.
         log.warning("item %s: server rejected a request: %s", iid, e)
@@ -88,13 +111,17 @@ def build_item(client: Any, instruction: Instruction, principle: Principle, *, s
 
 
 def _build(client: Any, ins: Instruction, principle: Principle, iid: str, settings: BuildSettings,
-           template: BaseTemplate, usage: Usage, result: dict[str, Any]) -> None:
+           template: BaseTemplate, usage: Usage, result: dict[str, Any], examples: ExampleIndex | None) -> None:
     s = settings.sampling
     cons = list(ins.constraints)
     prompt = template.render(ins.text)
     cands = sample_responses(client, settings.model, prompt, k=s.k, settings=s, seed=request_seed(iid, "sample"),
-                             stop=template.stop, usage=usage)
-    score_candidates(cands, ins.text, cons)
+                             stop=template.stop, usage=usage, instruction=ins.text)
+
+    def score(cs: list[Candidate]) -> None:
+        score_candidates(cs, ins.text, cons, examples, looping=settings.rule_out_looping)
+
+    score(cands)
     target = _weakest(cands)
     for pass_no in range(1, s.revisions + 1):
         if target is None:
@@ -107,23 +134,36 @@ def _build(client: Any, ins: Instruction, principle: Principle, iid: str, settin
             settings=s, seed=request_seed(iid, "revise", pass_no), usage=usage, extra_stop=template.stop,
         )
         new = Candidate(text=rev.text, route="rewrite", finish_reason=rev.finish_reason, parent=target,
-                        pass_no=pass_no, critique=rev.critique, verdict=rev.verdict)
-        score_candidates([new], ins.text, cons)
+                        pass_no=pass_no, critique=rev.critique, verdict=rev.verdict, raw=rev.raw)
+        score([new])
+        new.cut = rev.cut
         cands.append(new)
         if new.problem is not None or (cons and all(new.passed)):
             break  # nothing usable to critique further, or nothing left to fix
         target = len(cands) - 1
-    decision = choose(cands, has_constraints=bool(cons), rule=settings.no_constraint_rule, bands=settings.bands)
+    usable = [c for c in cands if c.problem is None]
+    if settings.relevance.min_overlap is not None:
+        score_overlap(ins.task or ins.text, usable)
+    if settings.relevance.min_pmi is not None and len(usable) >= 2:
+        # one request scores every usable candidate; only the chosen must reach the threshold
+        score_pmi(client, settings.model, ins.task or ins.text, usable, usage=usage)
+    decision = choose(cands, has_constraints=bool(cons), rule=settings.no_constraint_rule, bands=settings.bands,
+                      pair_rule=settings.pair_rule, relevance=settings.relevance)
     samples = [c for c in cands if c.route == "sample"]
     rewrites = [c for c in cands if c.route == "rewrite"]
     result.update(
         reason=decision.reason,
         candidate_problems=dict(Counter(c.problem for c in cands if c.problem)),
+        cut_turns=sum(c.cut for c in cands),
         n_samples=len(samples), n_rewrites=len(rewrites),
         sample_passed=[c.n_passed for c in samples], rewrite_passed=[c.n_passed for c in rewrites],
         verdicts=dict(Counter(str(c.verdict) for c in rewrites)),
         edit_distance=decision.edit_distance,
     )
+    if settings.record_candidates:
+        result["candidates"] = {"instruction": ins.text, "constraints": [c.model_dump() for c in cons],
+                                "principle_id": principle.id, "chosen": decision.chosen, "rejected": decision.rejected,
+                                "reason": decision.reason, "candidates": [c.as_record() for c in cands]}
     if not decision.kept:
         return
     chosen, rejected = cands[decision.chosen], cands[decision.rejected]
@@ -137,5 +177,8 @@ def _build(client: Any, ins: Instruction, principle: Principle, iid: str, settin
                             eos=settings.eos_token or "")
         record.ref_chosen_logps, record.ref_rejected_logps = lc.logp, lr.logp
         result["ref_straddled"] = int(lc.straddled) + int(lr.straddled)
+    result.update(chosen_finish=chosen.finish_reason, rejected_finish=rejected.finish_reason,
+                  chosen_passed_list=chosen.passed, rejected_passed_list=rejected.passed, task=ins.task,
+                  chosen_overlap=chosen.overlap, chosen_pmi=chosen.pmi)
     result.update(kept=True, route=chosen.route, record=record.model_dump(), chosen_passed=chosen.n_passed,
                   rejected_passed=rejected.n_passed, chosen_chars=len(chosen.text), rejected_chars=len(rejected.text))

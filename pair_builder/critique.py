@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pair_builder.constitution import VERDICT_RE, Principle
-from pair_builder.sample import SamplingSettings, Usage
+from pair_builder.sample import SamplingSettings, Usage, finished
 
 PREAMBLE = ("# Instructions\n\nBelow are conversations between a human and an AI assistant. After each answer a "
             "careful reviewer critiques it as the critique request asks, then the assistant revises the answer "
@@ -74,6 +74,8 @@ class Revision:
     text: str
     finish_reason: str | None
     critique_finish_reason: str | None
+    raw: str | None = None  # the rewrite as the server returned it
+    cut: bool = False  # it ran on into another turn and was cut there
 
 
 def critique_and_revise(client: Any, model: str, principle: Principle, query: str, answer: str, *,
@@ -92,6 +94,7 @@ def critique_and_revise(client: Any, model: str, principle: Principle, query: st
     resp2 = client.completions.create(prompt=revision_prompt(page, critique, principle),
                                       max_tokens=settings.max_tokens, stop=_merge(REVISION_STOP, extra_stop), **common)
     usage.add(resp2)
-    return Revision(critique=critique, verdict=parse_verdict(critique), text=resp2.choices[0].text.strip(),
-                    finish_reason=resp2.choices[0].finish_reason,
-                    critique_finish_reason=resp.choices[0].finish_reason)
+    text, finish, cut = finished(resp2.choices[0].text, resp2.choices[0].finish_reason, query,
+                                 _merge(REVISION_STOP, extra_stop))
+    return Revision(critique=critique, verdict=parse_verdict(critique), text=text, finish_reason=finish,
+                    critique_finish_reason=resp.choices[0].finish_reason, raw=resp2.choices[0].text, cut=cut)

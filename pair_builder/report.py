@@ -54,6 +54,7 @@ def compute_stats(entries: list[dict[str, Any]]) -> dict[str, Any]:
             "rejected_mean": round(mean(e["rejected_chars"] for e in kept), 1) if kept else None,
         },
         "ref_logprob_straddles": sum(e.get("ref_straddled", 0) for e in kept),
+        "cut_at_new_turn": sum(e.get("cut_turns", 0) for e in entries),
         "usage": dict(usage),
     }
 
@@ -105,9 +106,23 @@ def _table(counts: dict[str, Any]) -> str:
     return "| | count |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in counts.items())
 
 
-def write_card(pairs_dir: Path, info: dict[str, Any], stats: dict[str, Any], plots: list[str]) -> Path:
-    """The dataset card ``README.md``: what made the pairs and what came out."""
+def _audit_section(audit: dict[str, Any] | None) -> str:
+    if not audit:
+        return ""
+    return ("## Audit of the kept pairs\n"
+            f"`python -m pair_builder.audit` on {audit['sampled']} of {audit['pairs']} pairs: what each pair would "
+            "teach besides following the instruction (chosen runs on into another turn, copies a few-shot example, "
+            "loops, does not dominate rejected constraint by constraint, was truncated, is unrelated to rejected, or "
+            "uses too few of the task's words). The builder's filters rule these out, so non-zero rates come from "
+            "pairs made with filters off or from what the filters miss.\n\n"
+            f"{audit['table']}\n")
+
+
+def write_card(pairs_dir: Path, info: dict[str, Any], stats: dict[str, Any], plots: list[str],
+               audit: dict[str, Any] | None = None) -> Path:
+    """The dataset card ``README.md``: what made the pairs and what came out (and, given, the audit summary)."""
     s = info["sampling"]
+    f = info.get("filters") or {}
     body = f"""---
 pretty_name: "{info['run']} round {info['round']} preference pairs"
 tags: [dpo, preference, constitutional-ai, instruction-following]
@@ -125,6 +140,7 @@ columns `prompt`/`chosen`/`rejected` feed TRL's DPOTrainer directly{', with `ref
 | prompt template | `{info['template_id']}` sha256 `{info['template_sha256'][:16]}` |
 | sampling | k={s['k']}, temperature={s['temperature']}, top_p={s['top_p']}, max_tokens={s['max_tokens']}, revisions R={s['revisions']}, critique temperature={s['critique_temperature']}, seed={s['seed']} |
 | no-constraint rule | {info['no_constraint_rule']} |
+| filters | {', '.join(f'{k}={v}' for k, v in f.items()) or '(not recorded)'} |
 | servers | {info['servers']} |
 | instructions | {info['instructions']} after dedupe ({info['sources']}) |
 | items done | {stats['items_done']} |
@@ -136,22 +152,40 @@ columns `prompt`/`chosen`/`rejected` feed TRL's DPOTrainer directly{', with `ref
 {_table(stats['drop_reasons'])}
 ## Which route produced the chosen response
 {_table(stats['chosen_route'])}
-## Candidates ruled out (scaffolding, truncation)
+## Candidates ruled out (scaffolding, truncation, copies, loops)
+{stats.get('cut_at_new_turn', 0)} candidate(s) ran on into another turn and were cut there (counted as finished).
+
 {_table(stats['candidate_problems'])}
 ## Share of constraints satisfied
 {_table({k: v for k, v in stats['pass_rate'].items()})}
-## Plots and files
+{_audit_section(audit)}## Plots and files
 {''.join(f'![{p}](.meta/{p})' + chr(10) for p in plots)}
 `.meta/stats.json` (all numbers), `.meta/done.jsonl` (one line per finished item), `.meta/instructions.jsonl`,
-`.meta/diversity.json`, `.meta/manifest.json` (what this directory may hold).
+`.meta/diversity.json`, `.meta/manifest.json` (what this directory may hold), `.meta/audit.json` (the audit).
 """
     return atomic_write_text(pairs_dir / "README.md", body)
 
 
+def run_audit(pairs_dir: Path, meta_dir: Path, *, sample: int, template: Any = None, constitution: Any = None,
+              max_tokens: int | None = None) -> dict[str, Any] | None:
+    """Defect rates of a sample of the kept pairs (``.meta/audit.json``), or None with no pairs or sample 0."""
+    if sample <= 0 or not any(pairs_dir.glob("shard-*.parquet")):
+        return None
+    from pair_builder.audit import audit_dir, rate_table
+
+    audit = audit_dir(pairs_dir, sample=sample, template=template, constitution=constitution, max_tokens=max_tokens)
+    audit["table"] = rate_table(audit["rates"])
+    atomic_write_json(meta_dir / "audit.json", audit)
+    return audit
+
+
 def write_report(pairs_dir: Path, meta_dir: Path, entries: list[dict[str, Any]], info: dict[str, Any],
-                 task_word_lengths: list[int]) -> dict[str, Any]:
+                 task_word_lengths: list[int], *, template: Any = None, constitution: Any = None,
+                 audit_sample: int = 200) -> dict[str, Any]:
     stats = compute_stats(entries)
     plots = write_plots(meta_dir, entries, stats, task_word_lengths)
     atomic_write_json(meta_dir / "stats.json", {**stats, "run": info})
-    write_card(pairs_dir, info, stats, plots)
+    audit = run_audit(pairs_dir, meta_dir, sample=audit_sample, template=template, constitution=constitution,
+                      max_tokens=(info.get("sampling") or {}).get("max_tokens"))
+    write_card(pairs_dir, info, stats, plots, audit)
     return stats

@@ -14,6 +14,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from shared.prompting import cut_at_new_turn
+
 log = logging.getLogger(__name__)
 
 Route = Literal["sample", "rewrite"]
@@ -65,6 +67,17 @@ class Candidate:
     verdict: str | None = None  # that critique's verdict on the parent: "needs revision" | "good" | None
     passed: list[bool] = field(default_factory=list)  # per constraint, filled by verify.score_candidates
     problem: str | None = None  # scaffolding/truncation reason that rules it out, filled by verify
+    raw: str | None = None  # the completion as the server returned it (before stripping and cutting)
+    cut: bool = False  # it ran on into another turn and was cut there (a finished answer)
+    overlap: float | None = None  # share of the task's content words it uses (pair_builder.relevance)
+    pmi: float | None = None  # relevance under the model (pair_builder.relevance); None = not scored
+
+    def as_record(self) -> dict[str, Any]:
+        """What ``pairs.record_candidates`` writes to ``.meta/candidates.jsonl``."""
+        return {"route": self.route, "text": self.text, "raw": self.raw, "finish_reason": self.finish_reason,
+                "parent": self.parent, "pass_no": self.pass_no, "verdict": self.verdict, "critique": self.critique,
+                "passed": [bool(x) for x in self.passed], "problem": self.problem, "cut": self.cut,
+                "overlap": self.overlap, "pmi": self.pmi}
 
     @property
     def n_passed(self) -> int:
@@ -78,13 +91,25 @@ def request_seed(*parts: Any) -> int:
     return int(content_hash(*parts)[:8], 16) & 0x7FFFFFFF
 
 
+def finished(text: str, finish_reason: str | None, instruction: str, stop: list[str]) -> tuple[str, str | None, bool]:
+    """``text`` cut where the model starts another turn (:func:`shared.prompting.cut_at_new_turn`), the finish
+    reason (a cut answer ended: ``stop``, even if the server ran on to ``length``), and whether it was cut."""
+    cut_text, cut = cut_at_new_turn(text, instruction, stop)
+    return cut_text, ("stop" if cut else finish_reason), cut
+
+
 def sample_responses(client: Any, model: str, prompt: str, *, k: int, settings: SamplingSettings, seed: int,
-                     stop: list[str], usage: Usage) -> list[Candidate]:
-    """``k`` sampled completions of ``prompt`` (one request, ``n=k``) as sample candidates."""
+                     stop: list[str], usage: Usage, instruction: str = "") -> list[Candidate]:
+    """``k`` sampled completions of ``prompt`` (one request, ``n=k``) as sample candidates, each cut where the
+    model starts another turn (``instruction`` says which turn-like lines are content it asked for)."""
     resp = client.completions.create(
         model=model, prompt=prompt, n=k, max_tokens=settings.max_tokens, temperature=settings.temperature,
         top_p=settings.top_p, stop=stop, seed=seed,
     )
     usage.add(resp)
     choices = sorted(resp.choices, key=lambda c: c.index)
-    return [Candidate(text=c.text.strip(), route="sample", finish_reason=c.finish_reason) for c in choices]
+    out = []
+    for c in choices:
+        text, finish, cut = finished(c.text, c.finish_reason, instruction, stop)
+        out.append(Candidate(text=text, route="sample", finish_reason=finish, raw=c.text, cut=cut))
+    return out

@@ -56,6 +56,9 @@ def check_config(cfg: Config) -> Checked:
         problems.append(f"pairs.min_chars={p.min_chars} > pairs.max_chars={p.max_chars}")
     if p.min_edit_distance > p.max_edit_distance:
         problems.append(f"pairs.min_edit_distance={p.min_edit_distance} > pairs.max_edit_distance={p.max_edit_distance}")
+    if 0 < p.copy_span < 4:
+        problems.append(f"pairs.copy_span={p.copy_span}: runs of fewer than 4 words are everyday phrases, not copies "
+                        f"(use 0 to turn the check off; 8 is the measured default)")
     if p.no_constraint_rule != "drop" and p.revisions == 0 and "file" in p.sources:
         problems.append(f"pairs.no_constraint_rule={p.no_constraint_rule} needs rewrites (pairs.revisions >= 1)")
     urls = server_urls(cfg)
@@ -125,7 +128,8 @@ def connect(urls: list[str], api_key: str | None, *, model: str | None, revision
                 model=name, prompt="Hello world", max_tokens=0, echo=True, logprobs=1)
             lp = resp.choices[0].logprobs
             if lp is None or not lp.token_logprobs or not lp.text_offset:
-                raise ServerUnavailable(f"{url} does not return echo log-probs (needed for pairs.ref_logprobs); "
-                                        f"serve with gen_server (embedded or vLLM) or set pairs.ref_logprobs=false")
+                raise ServerUnavailable(f"{url} does not return echo log-probs (needed for pairs.ref_logprobs and "
+                                        f"pairs.min_pmi); serve with gen_server (embedded or vLLM) or set "
+                                        f"pairs.ref_logprobs=false and pairs.min_pmi=null")
     # The served root (the model dir) tells round k's weights from round k+1's even under one served name.
     return ServedModel(name, revision or root, root)

@@ -1,12 +1,21 @@
 """Verify and choose: the eval checkers score every candidate; the rules below pick chosen and rejected.
 
-* a candidate is ruled out (``Candidate.problem``) when it is empty, truncated (finish_reason ``length``)
-  or leaks scaffolding: a ``# Query:`` echo, a "Here is the revised response" preamble, critique text;
+* a candidate is ruled out (``Candidate.problem``) when it is empty, truncated (finish_reason ``length``),
+  leaks scaffolding (a ``# Query:`` echo, a "Here is the revised response" preamble, critique text),
+  copies a few-shot example answer of the template or a principle (``copies_example``: a run of
+  :data:`COPY_SPAN` or more words shared with one, or all of a shorter one, see :class:`ExampleIndex`) or loops
+  (``looping``: :func:`eval.degeneration.is_looping`). Answers that ran on into another turn were already
+  cut there (:func:`shared.prompting.cut_at_new_turn`) when sampled;
 * chosen = most constraints satisfied; ties go to a rewrite, then to the better critique verdict on it
-  ("good" > none > "needs revision"), then to the later pass;
+  ("good" > none > "needs revision"), then to the later pass. With a relevance threshold, only a candidate
+  that answers its instruction (:class:`Relevance`: ``Candidate.overlap`` / ``.pmi``, :mod:`pair_builder.relevance`)
+  can be chosen (``irrelevant`` when none can);
 * rejected = fewest satisfied; ties go to the original response the chosen rewrite came from, then to a
   sample, then to the earlier candidate;
-* kept only if chosen satisfies strictly more constraints than rejected. Instructions without constraints
+* ``pair_rule="dominance"`` (default): chosen must pass every constraint rejected passes and at least one
+  more (chosen candidates are tried in the order above, each against the candidates it dominates;
+  ``not_dominant`` when some pair has a count margin but none dominates); ``pair_rule="count"``: chosen
+  satisfies strictly more constraints than rejected. Instructions without constraints
   follow ``no_constraint_rule``: ``drop``; ``critique`` (a rewrite beats its original when the critique
   said NEEDS REVISION); ``prefer_rewrite`` (the last rewrite beats its original);
 * and only inside the length and edit-distance bands (:class:`Bands`).
@@ -19,22 +28,92 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from rapidfuzz.distance import Levenshtein
 
+from eval.degeneration import is_looping
 from eval.ifeval import check
 from pair_builder.sample import Candidate
 from shared.records import Constraint
 
 NoConstraintRule = Literal["drop", "critique", "prefer_rewrite"]
+PairRule = Literal["dominance", "count"]
 
 # Candidate-level problems (the candidate is not used) and item-level drop reasons (no pair kept).
-CANDIDATE_PROBLEMS = ("empty", "truncated", "query_echo", "preamble", "critique_leak")
+CANDIDATE_PROBLEMS = ("empty", "truncated", "query_echo", "preamble", "critique_leak", "copies_example", "looping")
 DROP_REASONS = (
-    "no_valid_candidates", "no_margin", "no_constraints", "no_critique_support", "too_short", "too_long",
-    "length_ratio", "too_similar", "too_different", "bad_request", "request_error",
+    "no_valid_candidates", "no_margin", "not_dominant", "irrelevant", "no_constraints", "no_critique_support",
+    "too_short", "too_long", "length_ratio", "too_similar", "too_different", "bad_request", "request_error",
 )
+# A candidate sharing this many consecutive words with a few-shot example answer copies it (measured on the
+# labelled set, tests/assets/labelled_pairs.jsonl: see pair_builder.audit).
+COPY_SPAN = 8
+MIN_WHOLE = 4  # a whole example of 4..COPY_SPAN-1 words copied counts too
+_WORD = re.compile(r"\w+(?:'\w+)?")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class ExampleIndex:
+    """The few-shot example answers a candidate must not copy: the template's answers and every principle's
+    example answers, critiques and revisions.
+
+    A candidate copies one when it shares a run of ``span`` words with it, or contains the whole of an example
+    shorter than that (at least :data:`MIN_WHOLE` words: "We keep your wheels turning." copied as the answer
+    to every kind of question). Word runs the instruction itself contains don't count.
+    """
+
+    def __init__(self, texts: list[str], span: int = COPY_SPAN) -> None:
+        self.span = span
+        self.texts = [t for t in texts if t.strip()]
+        self._grams = {g for t in self.texts for g in _ngrams(_words(t), span)}
+        self._whole = {tuple(w) for t in self.texts if MIN_WHOLE <= len(w := _words(t)) < span}
+
+    @classmethod
+    def from_sources(cls, template: Any = None, constitution: Any = None, span: int = COPY_SPAN) -> ExampleIndex:
+        texts = [e.answer for e in getattr(template, "examples", [])]
+        for p in getattr(constitution, "principles", ()):
+            for ex in p.examples:
+                texts += [ex.answer, ex.critique, ex.revision]
+        return cls(texts, span)
+
+    def copies(self, text: str, instruction: str = "") -> bool:
+        """Whether ``text`` copies an example (see the class doc), not counting what the instruction says."""
+        toks = _words(text)
+        hits = _ngrams(toks, self.span) & self._grams
+        if hits and hits - _ngrams(_words(instruction), self.span):
+            return True
+        if self._whole:
+            ins = _words(instruction)
+            for w in self._whole:
+                if w in _ngrams(toks, len(w)) and w not in _ngrams(ins, len(w)):
+                    return True
+        return False
+
+    def longest_span(self, text: str) -> int:
+        """The longest run of words ``text`` shares with any one example (what COPY_SPAN was chosen on)."""
+        toks = _words(text)
+        return max((_longest_common_run(toks, _words(t)) for t in self.texts), default=0)
+
+
+def _ngrams(toks: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)}
+
+
+def _longest_common_run(a: list[str], b: list[str]) -> int:
+    best = 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            if x == y:
+                cur[j] = prev[j - 1] + 1
+                best = max(best, cur[j])
+        prev = cur
+    return best
 
 _ECHO = re.compile(r"^#\s*(query|answer)\s*:|^#\s*instructions\s*$", re.IGNORECASE | re.MULTILINE)
 _PREAMBLE = re.compile(
@@ -51,7 +130,8 @@ _CRITIQUE = re.compile(r"#+\s*(critique|revision)|critique request|revision requ
 _CHECK_LOCK = threading.Lock()
 
 
-def scaffolding_problem(c: Candidate) -> str | None:
+def scaffolding_problem(c: Candidate, examples: ExampleIndex | None = None, instruction: str = "", *,
+                        looping: bool = True) -> str | None:
     """Why ``c`` cannot be used (one of :data:`CANDIDATE_PROBLEMS`), or None."""
     if not c.text.strip():
         return "empty"
@@ -65,15 +145,20 @@ def scaffolding_problem(c: Candidate) -> str | None:
         return "critique_leak"
     if c.route == "rewrite" and c.critique and len(c.critique) >= 40 and c.critique.strip() in c.text:
         return "critique_leak"
+    if examples is not None and examples.copies(c.text, instruction):
+        return "copies_example"
+    if looping and is_looping(c.text):
+        return "looping"
     return None
 
 
-def score_candidates(candidates: list[Candidate], instruction_text: str, constraints: list[Constraint]) -> None:
+def score_candidates(candidates: list[Candidate], instruction_text: str, constraints: list[Constraint],
+                     examples: ExampleIndex | None = None, *, looping: bool = True) -> None:
     """Fill ``passed`` (one bool per constraint, strict IFEval) and ``problem`` of every candidate."""
     for c in candidates:
         with _CHECK_LOCK:
             c.passed = [check(con.id, con.kwargs, instruction_text, c.text) for con in constraints]
-        c.problem = scaffolding_problem(c)
+        c.problem = scaffolding_problem(c, examples, instruction_text, looping=looping)
 
 
 @dataclass(frozen=True)
@@ -82,7 +167,7 @@ class Bands:
     max_chars: int = 8000
     max_length_ratio: float = 3.0
     min_edit_distance: float = 0.02
-    max_edit_distance: float = 1.0
+    max_edit_distance: float = 0.8  # pairs.max_edit_distance (measured: see shared/config.py)
 
 
 @dataclass(frozen=True)
@@ -107,19 +192,57 @@ def _verdict_on(cands: list[Candidate], i: int) -> str | None:
     return next((c.verdict for c in cands if c.parent == i), None)
 
 
-def _pick(cands: list[Candidate], valid: list[int], rule: NoConstraintRule, has_constraints: bool) -> tuple[int, int] | str:
+def dominates(a: list[bool], b: list[bool]) -> bool:
+    """``a`` passes every constraint ``b`` passes, and at least one more."""
+    return all(x or not y for x, y in zip(a, b, strict=True)) and sum(a) > sum(b)
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """Thresholds a chosen candidate must reach (None = not required; an unscored candidate passes)."""
+
+    min_overlap: float | None = None
+    min_pmi: float | None = None
+
+    def ok(self, c: Candidate) -> bool:
+        return ((self.min_overlap is None or c.overlap is None or c.overlap >= self.min_overlap)
+                and (self.min_pmi is None or c.pmi is None or c.pmi >= self.min_pmi))
+
+
+def _pick(cands: list[Candidate], valid: list[int], rule: NoConstraintRule, has_constraints: bool,
+          pair_rule: PairRule = "dominance", relevance: Relevance = Relevance()) -> tuple[int, int] | str:
+    eligible = [i for i in valid if relevance.ok(cands[i])]
     if has_constraints:
-        chosen = max(valid, key=lambda i: (cands[i].n_passed, cands[i].route == "rewrite",
-                                           _VERDICT_RANK[_verdict_on(cands, i)], cands[i].pass_no, -i))
-        parent = cands[chosen].parent
-        rejected = min(valid, key=lambda i: (cands[i].n_passed, i != parent, cands[i].route != "sample", i))
-        if cands[chosen].n_passed <= cands[rejected].n_passed:
+        order = sorted(valid, key=lambda i: (cands[i].n_passed, cands[i].route == "rewrite",
+                                             _VERDICT_RANK[_verdict_on(cands, i)], cands[i].pass_no, -i), reverse=True)
+
+        def rejected_for(chosen: int, pool: list[int]) -> int:
+            parent = cands[chosen].parent
+            return min(pool, key=lambda i: (cands[i].n_passed, i != parent, cands[i].route != "sample", i))
+
+        chosen = order[0]
+        if cands[chosen].n_passed <= cands[rejected_for(chosen, valid)].n_passed:
             return "no_margin"
-        return chosen, rejected
+        if not eligible:
+            return "irrelevant"
+        margin = False
+        for ci in (i for i in order if i in eligible):
+            if pair_rule == "count":
+                ri = rejected_for(ci, valid)
+                if cands[ci].n_passed > cands[ri].n_passed:
+                    return ci, ri
+                continue
+            below = [i for i in valid if cands[i].n_passed < cands[ci].n_passed]
+            margin = margin or bool(below)
+            dominated = [i for i in below if dominates(cands[ci].passed, cands[i].passed)]
+            if dominated:
+                return ci, rejected_for(ci, dominated)
+        # an eligible candidate with a margin exists but dominates nothing, or none has a margin
+        return "not_dominant" if margin else "irrelevant"
     if rule == "drop":
         return "no_constraints"
     # No checker signal: only a rewrite against the response it came from carries a preference.
-    pairs = [(i, cands[i].parent) for i in valid if cands[i].route == "rewrite" and cands[i].parent in valid]
+    pairs = [(i, cands[i].parent) for i in eligible if cands[i].route == "rewrite" and cands[i].parent in valid]
     if rule == "critique":
         pairs = [(i, p) for i, p in pairs if cands[i].verdict == "needs revision"]
     if not pairs:
@@ -128,18 +251,20 @@ def _pick(cands: list[Candidate], valid: list[int], rule: NoConstraintRule, has_
 
 
 def choose(cands: list[Candidate], *, has_constraints: bool, rule: NoConstraintRule = "critique",
-           bands: Bands = Bands()) -> Decision:
+           bands: Bands = Bands(), pair_rule: PairRule = "dominance", relevance: Relevance = Relevance()) -> Decision:
     """Pick chosen and rejected among scored candidates (see the module doc for the rules)."""
     valid = [i for i, c in enumerate(cands) if c.problem is None]
     if len(valid) < 2:
         return Decision(None, None, "no_valid_candidates")
-    picked = _pick(cands, valid, rule, has_constraints)
+    picked = _pick(cands, valid, rule, has_constraints, pair_rule, relevance)
     if isinstance(picked, str):
         return Decision(None, None, picked)
     ci, ri = picked
     chosen, rejected = cands[ci].text, cands[ri].text
     shorter, longer = sorted((len(chosen), len(rejected)))
     dist = Levenshtein.normalized_distance(chosen, rejected)
+    # "too different" ignores letter case: an all-lowercase rewrite of its original is a contrast, not unrelated
+    dist_ci = Levenshtein.normalized_distance(chosen.lower(), rejected.lower())
     reason = None
     if shorter < bands.min_chars:
         reason = "too_short"
@@ -149,6 +274,6 @@ def choose(cands: list[Candidate], *, has_constraints: bool, rule: NoConstraintR
         reason = "length_ratio"
     elif dist < bands.min_edit_distance:
         reason = "too_similar"
-    elif dist > bands.max_edit_distance:
+    elif dist_ci > bands.max_edit_distance:
         reason = "too_different"
     return Decision(ci, ri, reason, round(dist, 4))

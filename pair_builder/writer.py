@@ -101,7 +101,9 @@ class PairWriter:
         iid = result["id"]
         if iid in self.done or any(e["id"] == iid for _, e in self._buffer):
             return  # a retried task finished twice
-        entry = {k: v for k, v in result.items() if k not in ("record",)}
+        entry = {k: v for k, v in result.items() if k not in ("record", "candidates")}
+        if result.get("candidates") is not None:  # pairs.record_candidates: for audits and labelling
+            append_jsonl_many(self.meta / "candidates.jsonl", [{"id": iid, **result["candidates"]}])
         if not result["kept"]:
             self._mark_done(entry)
             return
