@@ -5,9 +5,10 @@ content words (the instruction without its constraint sentences, stop words drop
 endings folded: first 5 letters) that the response uses. A response about something else shares none:
 "welcome to be creative in every step of the process." for "Give advice to someone starting their first job
 as a software developer", a copied "Cooking at home costs much less..." for "Explain the difference between
-weather and climate". On the 130 hand-labelled pairs (tests/assets/labelled_pairs.jsonl) it separates chosen
-answers labelled irrelevant better (ROC AUC 0.80) than PMI below (0.76), costs nothing, and PMI adds no
-recall on top of it; numbers and the threshold choice: ``python -m pair_builder.audit --labelled ... --sweep``.
+weather and climate". On the 186 hand-labelled pairs (tests/assets/labelled_pairs.jsonl) it separates chosen
+answers labelled irrelevant better (ROC AUC 0.82) than PMI below (0.63 over both models, 0.76 on SmolLM2's
+pairs alone: its scale differs between models), costs nothing, and PMI adds no recall on top of it. At 0.2:
+precision 0.86, recall 0.68 (0.1: 0.91/0.63, 0.3: 0.80/0.74); ``python -m pair_builder.audit --labelled ... --sweep``.
 
 **PMI** (:func:`pmi_scores`, ``pairs.min_pmi``, off by default): the base model reads the response and is asked which task it answers: the score is the per-token gain in
 log-probability of the task given the response, over the task alone,

@@ -78,8 +78,10 @@ _KW = "|".join(sorted({k for ks, _ in _TURN_FAMILIES.values() for k in ks}, key=
 _TURN_LINE = re.compile(
     rf"^[ \t]*(?:(?P<hash>(?:#{{1,6}}[ \t]*)+)|\*\*|__)?(?P<kw>{_KW})(?P<num>[ \t]*\d{{1,3}})?[ \t]*(?:\*\*|__)?[ \t]*"
     rf"(?::|(?(hash)$|(?!)))", re.IGNORECASE)
-# "# Answer:" / "### Response:" / a bare "# Response" header: the answer slot of a new example.
-_ANSWER_HEADER = re.compile(r"^[ \t]*(?:#{1,6}[ \t]*)+(?:answer|response|output)[ \t]*(?::|$)", re.IGNORECASE)
+# "# Answer:" / "### Response:" / a bare "# Response" header: the answer slot of a new example; and the
+# critique-revision page's own blocks ("# Rewrite:", "# Rewrite the answer so that...", "# Critique request").
+_ANSWER_HEADER = re.compile(r"^[ \t]*(?:#{1,6}[ \t]*)+(?:(?:answer|response|output)[ \t]*(?::|$)|(?:rewrite|revision|critique)\b)",
+                            re.IGNORECASE)
 
 
 def _family(kw: str) -> str:
@@ -98,7 +100,8 @@ def new_turn_at(text: str, instruction: str = "", extra: Iterable[str] = ()) -> 
 
     Forms: ``# Query:``, ``# Question:``, ``# Request:``, ``### Instruction``, ``# Instructions``, ``Human:``,
     ``User:``, ``Q:``, ``Question:`` ... at a line start (markdown ``#`` or ``**`` around them is allowed),
-    ``# Answer:`` / ``### Response:`` headers, and any of ``extra`` (the template's stop strings) anywhere.
+    ``# Answer:`` / ``### Response:`` headers, the critique page's ``# Rewrite`` / ``# Revision`` /
+    ``# Critique`` headers, and any of ``extra`` (the template's stop strings) anywhere.
     Not a new turn: the first line (nothing was answered before it), "SECTION 1" headers, "Q&A" or
     "the user:" inside a line, and plain or numbered forms of keyword families the instruction itself mentions
     ("Question 2:" in a quiz, "User:" in a dialogue it asked for; see ``_TURN_FAMILIES``).

@@ -93,6 +93,8 @@ def test_recorded_answers_to_another_question_fail_task_overlap(rec):
     ("Fine.\nQuestion: what next?", "", "Fine."),
     ("Fine.\n# Response\nMore text", "", "Fine."),
     ("Fine.\n# Answer:\nMore", "", "Fine."),
+    ("Fine.\n\n# Rewrite:\nFine.", "", "Fine."),  # the critique page's blocks, recorded from both models
+    ("Fine.\n\n# Rewrite the answer so that it is all lowercase letters.", "", "Fine."),
     # legitimate content: not cut
     ("SECTION 1\nIntro\nSECTION 2\nMore", "Your response must have 2 sections. Mark ... SECTION X", None),
     ("We held a Q&A.\nThe Q&A: it went well.", "", None),
