@@ -57,6 +57,8 @@ def overrides(server, assets, root, name, *extra):
             f"pairs.api_key={server.api_key}", "pairs.sources=[file]", f"pairs.input_file={assets / 'instructions.jsonl'}",
             f"pairs.constitution={assets / 'principles'}", f"model.template={assets / 'template.yaml'}",
             "pairs.no_constraint_rule=prefer_rewrite", "pairs.max_length_ratio=1000", "pairs.min_edit_distance=0",
+            # random text is unrelated to the task and to itself: the quality filters for real models are off here
+            "pairs.max_edit_distance=1", "pairs.min_task_overlap=null",
             "pairs.max_tokens=12", "pairs.critique_max_tokens=12", "pairs.shard_size=4", "pairs.progress=false",
             "cost.gpu_usd_per_hour=1.74", *extra]
 
