@@ -29,6 +29,8 @@ def tiny_config(tmp_path, tiny_model_dir):
         "pairs": {"sources": ["file"], "input_file": str(tmp_path / "instructions.jsonl"),
                   "constitution": str(tmp_path / "principles"), "no_constraint_rule": "prefer_rewrite",
                   "max_length_ratio": 1000, "min_edit_distance": 0, "max_tokens": 12, "critique_max_tokens": 12,
+                  # random text shares no word with its task: the real-model quality filters would drop every pair
+                  "max_edit_distance": 1.0, "min_task_overlap": None,
                   "progress": False},
         "train": {"backend": "peft", "max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2,
                   "gradient_accumulation_steps": 1, "lora_r": 8, "max_length": 1100, "eval_split": 0.0,
