@@ -6,7 +6,9 @@ Each prompt goes through the shared OpenAI client - base style: the few-shot bas
 cached in ``OUT/responses.jsonl`` keyed by a hash of the exact request, so an interrupted eval resumes
 where it stopped; a cache made for another suite, model or setting is refused rather than mixed in.
 
-Outputs in OUT: ``scores.json`` (prompt/instruction x strict/loose, n_prompts, per-instruction
+A base-style answer ends where the model starts another turn (``BaseTemplate.cut``, the same cut pair building
+makes); such an answer counts as finished. Outputs in OUT: ``scores.json`` (prompt/instruction x strict/loose,
+n_prompts, per-instruction
 breakdown, a ``degeneration`` block - truncation, loops, distinct-n, length, unrequested habits - and a
 ``heldout`` block - the score on the instruction types pair building never draws - and timing),
 ``results.jsonl`` (per-prompt follow flags, finish reason and response, for paired comparisons),
@@ -258,9 +260,14 @@ def run_eval(
     results = []
     for it, req in zip(items, reqs):
         entry = cache.entries[req["request_key"]]
-        r = ifeval.score_response(it, entry["response"])
-        r["finish_reason"] = entry["finish_reason"]
-        r["response"] = entry["response"]
+        response, finish, cut = entry["response"], entry["finish_reason"], False
+        if settings.prompt_style == "base":
+            # The answer ends where the model starts another turn, as in pair building: an answer that ran on into
+            # an invented "# Question:" is scored without it, and counts as finished (the model did end it).
+            response, cut = tpl.cut(response, it["prompt"])
+            finish = "stop" if cut else finish
+        r = ifeval.score_response(it, response)
+        r.update(finish_reason=finish, response=response, cut_at_new_turn=cut)
         results.append(r)
     scores = ifeval.aggregate(results)
     scores["degeneration"] = degeneration_of(results, long_words)
@@ -268,7 +275,8 @@ def run_eval(
     entries = [cache.entries[r["request_key"]] for r in reqs]
     scores.update({
         "suite": name, "model": model, "settings": asdict(settings),
-        "truncated": sum(e["finish_reason"] == "length" for e in entries),
+        "truncated": sum(r["finish_reason"] == "length" for r in results),
+        "cut_at_new_turn": sum(r["cut_at_new_turn"] for r in results),
         # once per distinct request: a batch's tokens sit on one of its entries (see _fetch_all)
         "completion_tokens": sum(e["completion_tokens"] or 0 for e in {e["request_key"]: e for e in entries}.values()),
         "generation_wall_s": round(gen_wall, 3),

@@ -117,3 +117,28 @@ def test_config_field():
     assert load_config(None, ["eval.prompts_per_request=1"]).eval.prompts_per_request == 1
     with pytest.raises(ConfigError, match="eval.prompts_per_request"):
         load_config(None, ["eval.prompts_per_request=0"])
+
+
+def test_base_answers_end_where_the_model_starts_another_turn(tmp_path, monkeypatch):
+    """The eval scores an answer up to an invented next turn (as pair building cuts it) and counts it finished."""
+    import json
+
+    class RunOn(FakeClient):
+        async def _completions(self, **body):
+            prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            return await self._serve(body, prompts, lambda i, p: SimpleNamespace(
+                index=i, text="the capital of france is paris.\n# Question: What is 2+2?\n# Answer: 4 4 4",
+                finish_reason="length"))
+
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text(json.dumps({"key": "a", "prompt": "Name the capital of France. Answer in lowercase letters.",
+                                 "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}) + "\n")
+    monkeypatch.setattr(run, "make_client", lambda *a, **k: RunOn())
+    monkeypatch.setattr(run, "wait_for_health", lambda *a, **k: None)
+    monkeypatch.setattr(run, "served_models", lambda *a, **k: [{"id": "m"}])
+    scores = run.run_eval(base_url="http://x", model=None, api_key=None, suite=str(suite), out_dir=tmp_path / "out",
+                          prompts_per_request=1)
+    row = json.loads((tmp_path / "out" / "results.jsonl").read_text())
+    assert row["response"] == "the capital of france is paris." and row["finish_reason"] == "stop"
+    assert row["prompt_strict"]  # the run-on's capitalised "Question"/"What" would have failed lowercase
+    assert scores["cut_at_new_turn"] == 1 and scores["truncated"] == 0
