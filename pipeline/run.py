@@ -182,18 +182,21 @@ def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
                     f"{k - 1}) is not promoted: " + "; ".join(fails)
                     + f"; round {j}'s model is kept (the best earlier round that passed)", model)
     # guards passed; round k>0 is promoted only if its gate metric rose, else the best earlier round is
-    promoted = this_model if gain is None or gain > 0 else _fallback(cfg, rd, k, measures)[1]
+    promoted, kept = this_model, ""
+    if gain is not None and gain <= 0:
+        j, promoted = _fallback(cfg, rd, k, measures)
+        kept = f"; round {k} did not raise {ev.gate_metric} ({gain:+.4f}): round {j}'s model is kept"
     if scores[ev.gate_metric] >= ev.target:
-        return f"target reached: {ev.gate_metric}={scores[ev.gate_metric]:.4f} >= {ev.target}", promoted
+        return f"target reached: {ev.gate_metric}={scores[ev.gate_metric]:.4f} >= {ev.target}{kept}", promoted
     if gain is not None and gain < cfg.pipeline.min_gain:
         # within noise either way: keep the better-scoring model
         return (f"plateau: {ev.gate_metric} gained {gain:+.4f} over round {k - 1} "
-                f"(< pipeline.min_gain={cfg.pipeline.min_gain})", promoted)
+                f"(< pipeline.min_gain={cfg.pipeline.min_gain}){kept}", promoted)
     spent = _spent(rd) if cfg.cost.budget_usd is not None else 0.0  # reads every round's ledger: once
     if cfg.cost.budget_usd is not None and spent >= cfg.cost.budget_usd:
-        return f"budget spent: ${spent:.2f} >= cost.budget_usd=${cfg.cost.budget_usd:.2f}", promoted
+        return f"budget spent: ${spent:.2f} >= cost.budget_usd=${cfg.cost.budget_usd:.2f}{kept}", promoted
     if k >= cfg.pipeline.rounds:
-        return f"max rounds: {cfg.pipeline.rounds} round(s) trained", promoted
+        return f"max rounds: {cfg.pipeline.rounds} round(s) trained{kept}", promoted
     return None
 
 

@@ -214,3 +214,7 @@ def test_a_tie_is_not_a_rise(tmp_path, base_dir):
     _eval(rd, 1, [True] * 50 + [False] * 50)
     reason, promoted = decide(cfg, rd, 1)
     assert reason.startswith("plateau") and promoted == str(base_dir)
+    assert "round 1 did not raise prompt_loose (+0.0000): round 0's model is kept" in reason
+    cfg, rd = _setup(tmp_path, base_dir, "pipeline.rounds=1", "pipeline.min_gain=0")
+    reason, promoted = decide(cfg, rd, 1)
+    assert reason.startswith("max rounds") and "round 0's model is kept" in reason and promoted == str(base_dir)
