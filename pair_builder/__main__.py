@@ -117,8 +117,9 @@ def gather_instructions(cfg: Config, workers: list[Any], meta: Path, usage: dict
     from eval.constraints import load_tasks, split_of
 
     p = cfg.pairs
+    held = list(cfg.eval.heldout_types)  # instruction types the eval holds out: never drawn for pairs
     key = content_hash(p.sources, str(p.seed_tasks), p.seed_variants, p.max_constraints, p.self_instruct_tasks,
-                       p.self_instruct_shots, str(p.input_file), p.dedupe_threshold, p.seed)[:12]
+                       p.self_instruct_shots, str(p.input_file), p.dedupe_threshold, p.seed, sorted(held))[:12]
     path = meta / f"instructions-{key}.jsonl"
     if path.exists():
         instructions = [Instruction.from_json(d) for d in read_jsonl(path)]
@@ -127,12 +128,12 @@ def gather_instructions(cfg: Config, workers: list[Any], meta: Path, usage: dict
     raw: list[Instruction] = []
     if "seed" in p.sources:
         raw += seed_instructions(seed=p.seed, variants=p.seed_variants, max_constraints=p.max_constraints,
-                                 tasks_path=p.seed_tasks)
+                                 tasks_path=p.seed_tasks, exclude=held)
     if "file" in p.sources:
         raw += file_instructions(p.input_file)
     if "self_instruct" in p.sources:
         raw += constrain_tasks(_self_instruct(cfg, workers, usage), seed=p.seed, max_constraints=p.max_constraints,
-                               source="self_instruct")
+                               source="self_instruct", exclude=held)
     heldout = [t["task"] for t in load_tasks(p.seed_tasks) if split_of(t["id"]) == "heldout"]
     instructions, report = dedupe(raw, threshold=p.dedupe_threshold, blocklist=heldout)
     diversity = diversity_summary(instructions)

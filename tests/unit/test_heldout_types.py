@@ -51,3 +51,19 @@ def test_bad_heldout_lists_are_refused():
         load_config(None, ["eval.heldout_types=[keywords:frequency, keywords:frequency]"])
     with pytest.raises(ConfigError, match="category:name"):
         load_config(None, ["eval.heldout_types=[lowercase]"])
+
+
+def test_pair_builder_draws_none_of_the_configured_heldout_types(tmp_path):
+    """pair_builder's instruction gathering honours a custom eval.heldout_types (not only the default list), and
+    a changed list is a different instruction set (its own cache file)."""
+    from pair_builder.__main__ import gather_instructions
+    from shared.config import load_config
+
+    custom = ["punctuation:no_comma", "change_case:english_lowercase", "detectable_format:json_format"]
+    cfg = load_config(None, ["pairs.sources=[seed]", "pairs.seed_variants=3", f"eval.heldout_types={custom}"])
+    ins = gather_instructions(cfg, [], tmp_path, {})
+    drawn = {c.id for i in ins for c in i.constraints}
+    assert ins and not drawn & set(custom)
+    default = gather_instructions(load_config(None, ["pairs.sources=[seed]", "pairs.seed_variants=3"]), [], tmp_path, {})
+    assert {c.id for i in default for c in i.constraints} & set(custom)  # drawn when not held out
+    assert len(list(tmp_path.glob("instructions-*.jsonl"))) == 2
