@@ -73,6 +73,7 @@ def build_settings(cfg: Config, model: str, revision: str, eos_token: str | None
         no_constraint_rule=p.no_constraint_rule, ref_logprobs=p.ref_logprobs, eos_token=eos_token,
         record_candidates=p.record_candidates, pair_rule=p.pair_rule, copy_span=p.copy_span,
         rule_out_looping=p.rule_out_looping, relevance=Relevance(min_overlap=p.min_task_overlap, min_pmi=p.min_pmi),
+        drop_unrequested_habits=p.drop_unrequested_habits,
     )
 
 
@@ -244,7 +245,7 @@ def run(cfg: Config) -> int:
             "no_constraint_rule": p.no_constraint_rule, "ref_logprobs": p.ref_logprobs,
             "filters": {"pair_rule": p.pair_rule, "copy_span": p.copy_span, "rule_out_looping": p.rule_out_looping,
                         "min_task_overlap": p.min_task_overlap, "min_pmi": p.min_pmi,
-                        "max_edit_distance": p.max_edit_distance},
+                        "max_edit_distance": p.max_edit_distance, "drop_unrequested_habits": p.drop_unrequested_habits},
             "servers": ", ".join(checked.servers), "instructions": len(instructions),
             "sources": ", ".join(p.sources), "usd_per_hour": cfg.cost.gpu_usd_per_hour,
             "cost_usd": ledger.totals().get("pairs", {}).get("cost_usd", 0.0),  # every submission's pairs stage

@@ -56,6 +56,7 @@ class BuildSettings:
     copy_span: int = COPY_SPAN  # rule out candidates sharing this many words with a few-shot example; 0 = off
     rule_out_looping: bool = True  # rule out candidates eval.degeneration.is_looping calls looping
     relevance: Relevance = Relevance()  # what chosen must reach: task-word overlap, PMI (pair_builder.relevance)
+    drop_unrequested_habits: bool = True  # no pair whose chosen is all-lower/upper-case unasked (verify.unrequested_habit)
 
     def id_settings(self, template: BaseTemplate) -> dict[str, Any]:
         """The sampling settings hashed into pair ids (the template is part of what the model was asked)."""
@@ -148,7 +149,8 @@ def _build(client: Any, ins: Instruction, principle: Principle, iid: str, settin
         # one request scores every usable candidate; only the chosen must reach the threshold
         score_pmi(client, settings.model, ins.task or ins.text, usable, usage=usage)
     decision = choose(cands, has_constraints=bool(cons), rule=settings.no_constraint_rule, bands=settings.bands,
-                      pair_rule=settings.pair_rule, relevance=settings.relevance)
+                      pair_rule=settings.pair_rule, relevance=settings.relevance,
+                      constraint_ids=[c.id for c in cons], drop_unrequested_habits=settings.drop_unrequested_habits)
     samples = [c for c in cands if c.route == "sample"]
     rewrites = [c for c in cands if c.route == "rewrite"]
     result.update(

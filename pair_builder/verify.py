@@ -18,12 +18,16 @@
   satisfies strictly more constraints than rejected. Instructions without constraints
   follow ``no_constraint_rule``: ``drop``; ``critique`` (a rewrite beats its original when the critique
   said NEEDS REVISION); ``prefer_rewrite`` (the last rewrite beats its original);
-* and only inside the length and edit-distance bands (:class:`Bands`).
+* and only inside the length and edit-distance bands (:class:`Bands`), and not when chosen is all-lowercase or
+  all-uppercase though the instruction did not ask for it while rejected is not (``unrequested_habit``: such a
+  pair teaches the habit, not the instruction).
 
 Every rejection returns a reason from :data:`DROP_REASONS`, so a run's drops always add up.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import re
 import threading
@@ -32,7 +36,7 @@ from typing import Any, Literal
 
 from rapidfuzz.distance import Levenshtein
 
-from eval.degeneration import is_looping
+from eval.degeneration import is_looping, profile
 from eval.ifeval import check
 from pair_builder.sample import Candidate
 from shared.records import Constraint
@@ -44,7 +48,8 @@ PairRule = Literal["dominance", "count"]
 CANDIDATE_PROBLEMS = ("empty", "truncated", "query_echo", "preamble", "critique_leak", "copies_example", "looping")
 DROP_REASONS = (
     "no_valid_candidates", "no_margin", "not_dominant", "irrelevant", "no_constraints", "no_critique_support",
-    "too_short", "too_long", "length_ratio", "too_similar", "too_different", "bad_request", "request_error",
+    "too_short", "too_long", "length_ratio", "too_similar", "too_different", "unrequested_habit", "bad_request",
+    "request_error",
 )
 # A candidate sharing this many consecutive words with a few-shot example answer copies it (measured on the
 # labelled set, tests/assets/labelled_pairs.jsonl: see pair_builder.audit).
@@ -250,8 +255,17 @@ def _pick(cands: list[Candidate], valid: list[int], rule: NoConstraintRule, has_
     return max(pairs, key=lambda ip: (cands[ip[0]].pass_no, ip[0]))
 
 
+def unrequested_habit(chosen: str, rejected: str, constraint_ids: Sequence[str]) -> str | None:
+    """The case habit (``lowercase`` / ``uppercase``) chosen shows and rejected does not, when the instruction did not
+    ask for it; None otherwise. A pair like that rewards the habit itself: DPO learns "write in lowercase" from it
+    and applies it to every prompt."""
+    c, r = profile(chosen, constraint_ids), profile(rejected, constraint_ids)
+    return next((h for h in ("lowercase", "uppercase") if c[h] and not r[h]), None)
+
+
 def choose(cands: list[Candidate], *, has_constraints: bool, rule: NoConstraintRule = "critique",
-           bands: Bands = Bands(), pair_rule: PairRule = "dominance", relevance: Relevance = Relevance()) -> Decision:
+           bands: Bands = Bands(), pair_rule: PairRule = "dominance", relevance: Relevance = Relevance(),
+           constraint_ids: Sequence[str] = (), drop_unrequested_habits: bool = True) -> Decision:
     """Pick chosen and rejected among scored candidates (see the module doc for the rules)."""
     valid = [i for i, c in enumerate(cands) if c.problem is None]
     if len(valid) < 2:
@@ -276,4 +290,6 @@ def choose(cands: list[Candidate], *, has_constraints: bool, rule: NoConstraintR
         reason = "too_similar"
     elif dist_ci > bands.max_edit_distance:
         reason = "too_different"
+    elif drop_unrequested_habits and unrequested_habit(chosen, rejected, constraint_ids):
+        reason = "unrequested_habit"
     return Decision(ci, ri, reason, round(dist, 4))

@@ -280,3 +280,38 @@ def test_pair_defects_on_a_labelled_run_on():
     r = next(r for r in LABELLED if r["labels"]["runs_on"] and "# Question:" in r["chosen"])
     flags = pair_defects(r, examples=EXAMPLES, template=TEMPLATE)
     assert flags["runs_on"] is True and flags["truncated"] is False
+
+
+# Two chosen/rejected pairs gemma3-270m's round-0 pair build kept on an H200 (configs/base-gpu.yaml, before this
+# rule): each chosen answer is all-lowercase though its instruction never asked for it. 9 of that run's 293 pairs
+# were like these, and one DPO round took unrequested all-lowercase answers on IFEval from 1.8% to 16.4%.
+HABIT_PAIRS = [
+    (["detectable_format:multiple_sections", "punctuation:no_comma"],
+     "the fur of a cat's base gives protection from predators by absorbing\na. electric charges\nb. poison\nc. heat\n"
+     "d. cold\ne. heat and poison",
+     "There are three different ways to protect a cat from a storm, to the right of the house, to the left of the "
+     "house, and to the left of the barn."),
+    (["change_case:capital_word_frequency", "length_constraints:number_words", "keywords:letter_frequency"],
+     "the first women to ever live in the bay area\nshe was born in san francisco and lived there all her life\nshe "
+     "was the mother of the first woman to ever live in the bay area",
+     "The first day of the year in 1904 was called by the women's rights movement because the year was beginning "
+     "to see a shift in economic power away from\nthe wealthy to the poor."),
+]
+
+
+@pytest.mark.parametrize("ids,chosen,rejected", HABIT_PAIRS)
+def test_chosen_with_an_unrequested_case_habit_is_dropped(ids, chosen, rejected):
+    from pair_builder.verify import unrequested_habit
+
+    assert unrequested_habit(chosen, rejected, ids) == "lowercase"
+    # asked for: a lowercase chosen is the lesson itself
+    assert unrequested_habit(chosen, rejected, [*ids, "change_case:english_lowercase"]) is None
+    # both lowercase: the pair's contrast is not about case
+    assert unrequested_habit(chosen, rejected.lower(), ids) is None
+    cands = [Candidate(text=chosen, route="sample", passed=[True] * len(ids)),
+             Candidate(text=rejected, route="sample", passed=[False] * len(ids))]
+    assert choose(cands, has_constraints=True, constraint_ids=ids, bands=Bands(max_edit_distance=1.0)).reason == \
+        "unrequested_habit"
+    kept = choose(cands, has_constraints=True, constraint_ids=ids, bands=Bands(max_edit_distance=1.0),
+                  drop_unrequested_habits=False)
+    assert kept.kept and kept.chosen == 0
