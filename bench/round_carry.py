@@ -8,7 +8,9 @@ Movement = mean next-token KL(base + adapter, 16-bit || base, 16-bit) on templat
 taught. For each training-side load of the weights (``nf4``: bitsandbytes 4-bit, GPU only; ``bf16``), it prints
   * old:  KL(load(merged) || load(base))         - what a new LoRA on the re-loaded merge starts from
   * new:  KL(load(base) + adapter || load(base)) - what the continued adapter starts from
-and each as a share of the movement (1.0 = the next round starts exactly where this one ended).
+and each as a share of the movement (1.0 = the next round starts exactly where this one ended). Each load is compared
+with its own base there; the ``gap`` columns compare directly with where round k ended: KL(policy, fp32 || the
+next round's start), 0 = it starts exactly there.
 """
 
 from __future__ import annotations
@@ -63,23 +65,26 @@ def main() -> int:
     ref_base = _load(args.base, "fp32")
     base_lp = next_token_logprobs(ref_base, tok, probes)
     policy = PeftModel.from_pretrained(ref_base, args.adapter).eval()
-    moved = compare_distributions(next_token_logprobs(policy, tok, probes), base_lp)["mean_kl"]
+    policy_lp = next_token_logprobs(policy, tok, probes)
+    moved = compare_distributions(policy_lp, base_lp)["mean_kl"]
     del policy, ref_base
+    kl = lambda a, b: compare_distributions(a, b)["mean_kl"]  # noqa: E731
     print(f"movement (fp32 base + adapter vs fp32 base): mean KL {moved:.4g} over {len(probes)} prompts")
-    print("| load | old: re-loaded merge | share | new: base + adapter | share |")
-    print("|---|---|---|---|---|")
+    print("| load | old: re-loaded merge | share | gap to the policy | new: base + adapter | share | gap to the policy |")
+    print("|---|---|---|---|---|---|---|")
     for load in loads:
         base = _load(args.base, load)
         lb = next_token_logprobs(base, tok, probes)
-        new = compare_distributions(next_token_logprobs(PeftModel.from_pretrained(base, args.adapter).eval(), tok,
-                                                        probes), lb)["mean_kl"]
+        new_lp = next_token_logprobs(PeftModel.from_pretrained(base, args.adapter).eval(), tok, probes)
         del base
         merged = _load(args.merged, load)
-        old = compare_distributions(next_token_logprobs(merged, tok, probes), lb)["mean_kl"]
+        old_lp = next_token_logprobs(merged, tok, probes)
         del merged
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        print(f"| {load} | {old:.4g} | {old / moved:.3f} | {new:.4g} | {new / moved:.3f} |")
+        old, new = kl(old_lp, lb), kl(new_lp, lb)
+        print(f"| {load} | {old:.4g} | {old / moved:.3f} | {kl(policy_lp, old_lp):.4g} | {new:.4g} | {new / moved:.3f} "
+              f"| {kl(policy_lp, new_lp):.4g} |")
     return 0
 
 
