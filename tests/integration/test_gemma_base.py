@@ -69,8 +69,9 @@ def model(gemma_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_grad_enabled(False)
-    return AutoModelForCausalLM.from_pretrained(gemma_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(gemma_dir).eval()
+    model.requires_grad_(False)  # inference only; never torch.set_grad_enabled(False): it leaks into later tests
+    return model
 
 
 def test_prepare_cli_is_cached_and_carries_the_license_notice(gemma_dir, cache_root):
