@@ -58,7 +58,7 @@ class ServerProcess:
         self.backend = backend
         self.host = host
         self.port = port or free_port(host)
-        self.api_key = api_key or secrets.token_urlsafe(16)
+        self.api_key = api_key or secrets.token_hex(16)  # hex: never starts with "-", which a CLI reads as a flag
         self.served_model_name = served_model_name
         self.extra_args = list(extra_args or [])
         self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"gen_server-{self.port}.log"
