@@ -26,6 +26,15 @@ from shared.client import ServerUnavailable, wait_for_health
 log = logging.getLogger(__name__)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM this server when the process that started it dies, however it
+    dies. A pipeline killed mid-phase (SIGKILL, os._exit, OOM) runs no ``finally``; its server must not outlive it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -114,7 +123,7 @@ class ServerProcess:
         log.info("starting gen_server (%s) on %s, log: %s", self.backend, self.base_url, self.log_path)
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self._wait_healthy()
         except BaseException:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -51,10 +52,33 @@ def _pipeline(*args, crash_after=None, timeout=900):
                           timeout=timeout)
 
 
+def _servers(model_dir) -> set[int]:
+    """pids of gen_server processes serving ``model_dir``."""
+    pids = set()
+    for d in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"gen_server" in cmd and str(model_dir).encode() in cmd:
+            pids.add(int(d))
+    return pids
+
+
+def _no_new_servers(before: set[int], model_dir, wait: float = 15.0) -> set[int]:
+    deadline = time.monotonic() + wait
+    while (left := _servers(model_dir) - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def test_round_killed_twice_then_finished(tiny_config, tiny_model_dir):
     cfg, run = tiny_config
+    before = _servers(tiny_model_dir)
     r = _pipeline("run", "--config", str(cfg), crash_after="round-0/eval")
     assert r.returncode == 137, r.stderr[-3000:]
+    # the pipeline died mid-phase (no finally ran): its server must not outlive it
+    assert not _no_new_servers(before, tiny_model_dir)
     state = json.loads((run / "state.json").read_text())
     assert list(state["steps"]) == ["round-0/base_check", "round-0/eval"]
     eval_done_at = state["steps"]["round-0/eval"]["finished_at"]
