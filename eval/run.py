@@ -8,8 +8,7 @@ where it stopped; a cache made for another suite, model or setting is refused ra
 
 A base-style answer ends where the model starts another turn (``BaseTemplate.cut``, the same cut pair building
 makes); such an answer counts as finished. Outputs in OUT: ``scores.json`` (prompt/instruction x strict/loose,
-n_prompts, per-instruction
-breakdown, a ``degeneration`` block - truncation, loops, distinct-n, length, unrequested habits - and a
+n_prompts, per-instruction breakdown, a ``degeneration`` block - truncation, loops, distinct-n, length, unrequested habits - and a
 ``heldout`` block - the score on the instruction types pair building never draws - and timing),
 ``results.jsonl`` (per-prompt follow flags, finish reason and response, for paired comparisons),
 ``report.md``, ``by_category.png`` and ``lengths.png``.
@@ -23,9 +22,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import openai

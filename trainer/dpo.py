@@ -146,6 +146,13 @@ def _load_peft(cfg: Config, base_model: Path) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(base_model)
 
 
+def other_base(adapter_dir: Path, base_model: Path) -> dict[str, Any] | None:
+    """The shape of the base ``adapter_dir`` was trained on when it is not ``base_model``'s, else None."""
+    summary = adapter_dir / SUMMARY_NAME
+    trained_on = json.loads(summary.read_text()).get("base_fingerprint") if summary.is_file() else None
+    return trained_on if trained_on and trained_on != base_fingerprint(base_model) else None
+
+
 def check_init_adapter(cfg: Config, init_adapter: Path, base_model: Path) -> None:
     """Refuse to continue an adapter whose LoRA shape or base differ from this round's settings."""
     t = cfg.train
@@ -158,9 +165,7 @@ def check_init_adapter(cfg: Config, init_adapter: Path, base_model: Path) -> Non
     if set(ac.get("target_modules") or []) != set(t.target_modules):
         problems.append(f"target_modules={sorted(ac.get('target_modules') or [])} (train.target_modules="
                         f"{sorted(t.target_modules)})")
-    summary = init_adapter / SUMMARY_NAME
-    trained_on = json.loads(summary.read_text()).get("base_fingerprint") if summary.is_file() else None
-    if trained_on and trained_on != base_fingerprint(base_model):
+    if trained_on := other_base(init_adapter, base_model):
         problems.append(f"trained on a base shaped {trained_on}, not {base_model}")
     if problems:
         raise ConfigError([f"train.continue_adapter: round {t.round - 1}'s adapter {init_adapter} has "
@@ -188,17 +193,14 @@ def continue_adapter(model: Any, init_adapter: Path) -> None:
 def kl_to_base(model: Any, tokenizer: Any, probes: list[str]) -> float:
     """Mean next-token KL(policy || the same base with every adapter disabled) on the rendered probe prompts:
     how far the starting policy already is from the original base (the merge reports the same measure)."""
-    from trainer.merge import compare_distributions, next_token_logprobs
+    from trainer.merge import adapter_effect, next_token_logprobs
 
     was_training = model.training
     model.eval()
     try:
-        policy = next_token_logprobs(model, tokenizer, probes)
-        with model.disable_adapter():
-            bare = next_token_logprobs(model, tokenizer, probes)
+        return adapter_effect(model, tokenizer, probes, next_token_logprobs(model, tokenizer, probes))
     finally:
         model.train(was_training)
-    return compare_distributions(policy, bare)["mean_kl"]
 
 
 def lora_config(cfg: Config) -> Any:

@@ -58,7 +58,7 @@ def _torch_dtype(dtype: str) -> Any:
 
 def check_adapter_matches_base(base_dir: Path, adapter_dir: Path) -> None:
     """Refuse a quantized base, a missing adapter, and an adapter trained on a base of another shape."""
-    from trainer.dpo import SUMMARY_NAME, base_fingerprint
+    from trainer.dpo import base_fingerprint, other_base
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise MergeError(f"no adapter in {adapter_dir} (adapter_config.json missing); run `python -m trainer.dpo "
@@ -68,13 +68,9 @@ def check_adapter_matches_base(base_dir: Path, adapter_dir: Path) -> None:
     if "quantization_config" in json.loads((base_dir / "config.json").read_text()):
         raise MergeError(f"{base_dir} is a quantized checkpoint; merge into the ORIGINAL 16-bit weights (set "
                          "merge.base_model to the 16-bit dir the round started from)")
-    summary = adapter_dir / SUMMARY_NAME
-    if summary.is_file():
-        trained_on = json.loads(summary.read_text()).get("base_fingerprint")
-        here = base_fingerprint(base_dir)
-        if trained_on and trained_on != here:
-            raise MergeError(f"adapter {adapter_dir} was trained on a base shaped {trained_on}, but {base_dir} is "
-                             f"{here}; merge it into the model it was trained on")
+    if trained_on := other_base(adapter_dir, base_dir):
+        raise MergeError(f"adapter {adapter_dir} was trained on a base shaped {trained_on}, but {base_dir} is "
+                         f"{base_fingerprint(base_dir)}; merge it into the model it was trained on")
 
 
 def next_token_logprobs(model: Any, tokenizer: Any, prompts: list[str]) -> list[torch.Tensor]:
@@ -118,7 +114,7 @@ def _load_adapter_model(base_dir: Path, adapter_dir: Path, dtype: str) -> tuple[
     return model.eval(), AutoTokenizer.from_pretrained(base_dir)
 
 
-def _adapter_effect(model: Any, tok: Any, probe_prompts: list[str], reference: list[torch.Tensor]) -> float:
+def adapter_effect(model: Any, tok: Any, probe_prompts: list[str], reference: list[torch.Tensor]) -> float:
     """Mean KL(adapter model || the same base with the adapter disabled) on the probes."""
     with model.disable_adapter():
         bare = next_token_logprobs(model, tok, probe_prompts)
@@ -161,7 +157,7 @@ def verify_merged(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str
 
     model, tok = _load_adapter_model(Path(base_dir), Path(adapter_dir), dtype)
     reference = next_token_logprobs(model, tok, probe_prompts)
-    effect = _adapter_effect(model, tok, probe_prompts, reference)
+    effect = adapter_effect(model, tok, probe_prompts, reference)
     del model
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=_torch_dtype(dtype)).to(_device()).eval()
     candidate = next_token_logprobs(merged, tok, probe_prompts)
@@ -185,7 +181,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         raise ConfigError(["merge.probe_prompts: need at least one prompt to verify the merge"])
     model, tok = _load_adapter_model(base_dir, adapter_dir, dtype)
     reference = next_token_logprobs(model, tok, probe_prompts)
-    effect = _adapter_effect(model, tok, probe_prompts, reference)
+    effect = adapter_effect(model, tok, probe_prompts, reference)
     merged = model.merge_and_unload()
     del model
     with atomic_dir(out_dir) as tmp:
