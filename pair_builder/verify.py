@@ -27,16 +27,15 @@ Every rejection returns a reason from :data:`DROP_REASONS`, so a run's drops alw
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from rapidfuzz.distance import Levenshtein
 
-from eval.degeneration import is_looping, profile
+from eval.degeneration import is_looping, profile, words
 from eval.ifeval import check
 from pair_builder.sample import Candidate
 from shared.records import Constraint
@@ -55,11 +54,6 @@ DROP_REASONS = (
 # labelled set, tests/assets/labelled_pairs.jsonl: see pair_builder.audit).
 COPY_SPAN = 8
 MIN_WHOLE = 4  # a whole example of 4..COPY_SPAN-1 words copied counts too
-_WORD = re.compile(r"\w+(?:'\w+)?")
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
 
 
 class ExampleIndex:
@@ -74,8 +68,8 @@ class ExampleIndex:
     def __init__(self, texts: list[str], span: int = COPY_SPAN) -> None:
         self.span = span
         self.texts = [t for t in texts if t.strip()]
-        self._grams = {g for t in self.texts for g in _ngrams(_words(t), span)}
-        self._whole = {tuple(w) for t in self.texts if MIN_WHOLE <= len(w := _words(t)) < span}
+        self._grams = {g for t in self.texts for g in _ngrams(words(t), span)}
+        self._whole = {tuple(w) for t in self.texts if MIN_WHOLE <= len(w := words(t)) < span}
 
     @classmethod
     def from_sources(cls, template: Any = None, constitution: Any = None, span: int = COPY_SPAN) -> ExampleIndex:
@@ -87,21 +81,20 @@ class ExampleIndex:
 
     def copies(self, text: str, instruction: str = "") -> bool:
         """Whether ``text`` copies an example (see the class doc), not counting what the instruction says."""
-        toks = _words(text)
+        toks = words(text)
         hits = _ngrams(toks, self.span) & self._grams
-        if hits and hits - _ngrams(_words(instruction), self.span):
+        if hits and hits - _ngrams(words(instruction), self.span):
             return True
         if self._whole:
-            ins = _words(instruction)
-            for w in self._whole:
-                if w in _ngrams(toks, len(w)) and w not in _ngrams(ins, len(w)):
-                    return True
+            ins = words(instruction)
+            grams = {n: (_ngrams(toks, n), _ngrams(ins, n)) for n in {len(w) for w in self._whole}}
+            return any(w in grams[len(w)][0] and w not in grams[len(w)][1] for w in self._whole)
         return False
 
     def longest_span(self, text: str) -> int:
         """The longest run of words ``text`` shares with any one example (what COPY_SPAN was chosen on)."""
-        toks = _words(text)
-        return max((_longest_common_run(toks, _words(t)) for t in self.texts), default=0)
+        toks = words(text)
+        return max((_longest_common_run(toks, words(t)) for t in self.texts), default=0)
 
 
 def _ngrams(toks: list[str], n: int) -> set[tuple[str, ...]]:
