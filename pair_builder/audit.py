@@ -53,12 +53,6 @@ LABEL_OF = {"runs_on": "runs_on", "copies_example": "copies_example", "looping":
 _END = tuple('.!?)"\'*]`>:;')
 
 
-def _instruction_of(prompt: str, template: BaseTemplate) -> str:
-    """The instruction a rendered prompt asks (between the last query prefix and the answer prefix)."""
-    head = prompt.rsplit(template.query_prefix, 1)[-1]
-    return head.rsplit(template.answer_prefix, 1)[0].strip()
-
-
 def looks_truncated(text: str, max_tokens: int | None) -> bool:
     """No finish reason known: ends without closing punctuation and is about ``max_tokens`` long (~4 chars/token)."""
     t = text.rstrip()
@@ -143,7 +137,7 @@ def read_pairs(pairs_dir: Path, template: BaseTemplate) -> list[dict[str, Any]]:
             e = done.get(r["id"], {})
             cons = json.loads(r.get("constraints") or "[]")
             rows.append({
-                "id": r["id"], "instruction": _instruction_of(r["prompt"], template), "chosen": r["chosen"],
+                "id": r["id"], "instruction": template.instruction_of(r["prompt"]), "chosen": r["chosen"],
                 "rejected": r["rejected"], "constraints": cons,
                 "chosen_passed": e.get("chosen_passed_list"), "rejected_passed": e.get("rejected_passed_list"),
                 "chosen_finish": e.get("chosen_finish"), "task": e.get("task"),

@@ -21,6 +21,7 @@ from pipeline.state import RunState
 from shared.atomic import atomic_write_text
 from shared.config import Config, dump_config
 from shared.ledger import CostLedger
+from shared.prompting import BaseTemplate, load_template
 from shared.rundir import RunDir
 
 METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
@@ -168,7 +169,7 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
     return blocks
 
 
-def _example_pairs(pairs_dir: Path, n: int = 3, seed: int = 0, chars: int = 600) -> list[str]:
+def _example_pairs(pairs_dir: Path, template: BaseTemplate, n: int = 3, seed: int = 0, chars: int = 600) -> list[str]:
     """``n`` pairs of a round (a seeded sample), as readable text: instruction, constraints, chosen, rejected."""
     import pyarrow.parquet as pq
 
@@ -181,7 +182,7 @@ def _example_pairs(pairs_dir: Path, n: int = 3, seed: int = 0, chars: int = 600)
     rng = random.Random(seed)
     out = []
     for r in rng.sample(rows, min(n, len(rows))):
-        query = r["prompt"].rsplit("# Query:", 1)[-1].split("# Answer:", 1)[0].strip()
+        query = template.instruction_of(r["prompt"])
         cut = lambda t: t if len(t) <= chars else t[:chars] + f" [... {len(t) - chars} more chars]"  # noqa: E731
         out.append(f"INSTRUCTION: {query}\nCONSTRAINTS: {r.get('constraints', '')}\n\n"
                    f"CHOSEN (passes {r.get('chosen_passed')}):\n{cut(r['chosen'])}\n\n"
@@ -189,7 +190,7 @@ def _example_pairs(pairs_dir: Path, n: int = 3, seed: int = 0, chars: int = 600)
     return out
 
 
-def _training_blocks(rd: RunDir, ks: list[int]) -> list[Block]:
+def _training_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
     """Per round: how far the policy moved from the original base, held-out reward accuracy, example pairs."""
     rows, blocks = [], []
     for k in ks:
@@ -212,8 +213,9 @@ def _training_blocks(rd: RunDir, ks: list[int]) -> list[Block]:
                          "policy prefers over the rejected one, relative to the reference; 0.5 is chance."),
                    ("table", (["round", "train pairs", "held-out pairs", "steps", "status", "KL to base at start",
                                "KL to base after", "held-out reward accuracy", "held-out margin"], rows))]
+    template = load_template(cfg.model.template)
     for k in ks:
-        examples = _example_pairs(rd.round(k, create=False).pairs, seed=k)
+        examples = _example_pairs(rd.round(k, create=False).pairs, template, seed=k)
         if examples:
             blocks.append(("h2", f"Example pairs, round {k}"))
             blocks += [("text", ex) for ex in examples]
@@ -276,7 +278,7 @@ def build(cfg: Config, rd: RunDir, state: RunState) -> list[Block]:
                 keep = {a: b for a, b in summ.items() if isinstance(b, (int, float, str)) and len(str(b)) < 80}
                 blocks.append(("table", (["field", "value"], [[a, str(b)] for a, b in keep.items()])))
             blocks += [("img", p) for p in imgs]
-    blocks += _training_blocks(rd, list(rd.rounds()))
+    blocks += _training_blocks(cfg, rd, list(rd.rounds()))
     if cost_rows:
         per_pair = f"${total_cost / total_kept:.4f} per accepted pair" if total_kept else "no accepted pairs"
         blocks += [("h2", "Time and cost"),

@@ -49,6 +49,11 @@ class BaseTemplate(BaseModel):
         also at this template's own stop strings and query prefix (servers that ignore ``stop``)."""
         return cut_at_new_turn(completion, instruction, [*self.stop, "\n" + self.query_prefix.strip()])
 
+    def instruction_of(self, prompt: str) -> str:
+        """The instruction a :meth:`render`-ed prompt asks (between the last query prefix and the answer prefix)."""
+        head = prompt.rsplit(self.query_prefix, 1)[-1]
+        return head.rsplit(self.answer_prefix, 1)[0].strip()
+
     def render(self, instruction: str) -> str:
         """The full prompt for ``instruction``; the model's completion is the answer."""
         parts = [self.preamble.strip()] + [self._turn(e.query, e.answer) for e in self.examples]
