@@ -47,7 +47,7 @@ PairRule = Literal["dominance", "count"]
 CANDIDATE_PROBLEMS = ("empty", "truncated", "query_echo", "preamble", "critique_leak", "copies_example", "looping")
 DROP_REASONS = (
     "no_valid_candidates", "no_margin", "not_dominant", "irrelevant", "no_constraints", "no_critique_support",
-    "too_short", "too_long", "length_ratio", "too_similar", "too_different", "unrequested_habit", "bad_request",
+    "identical", "too_short", "too_long", "length_ratio", "too_similar", "too_different", "unrequested_habit", "bad_request",
     "request_error",
 )
 # A candidate sharing this many consecutive words with a few-shot example answer copies it (measured on the
@@ -273,7 +273,9 @@ def choose(cands: list[Candidate], *, has_constraints: bool, rule: NoConstraintR
     # "too different" ignores letter case: an all-lowercase rewrite of its original is a contrast, not unrelated
     dist_ci = Levenshtein.normalized_distance(chosen.lower(), rejected.lower())
     reason = None
-    if shorter < bands.min_chars:
+    if chosen.strip() == rejected.strip():
+        reason = "identical"  # whatever min_edit_distance says: no preference signal (the trainer refuses these)
+    elif shorter < bands.min_chars:
         reason = "too_short"
     elif longer > bands.max_chars:
         reason = "too_long"

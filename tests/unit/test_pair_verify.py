@@ -69,6 +69,7 @@ def test_no_constraint_rules(rule, verdict, expect):
     (Bands(min_chars=10, min_edit_distance=0), "long enough yes", "short", "too_short"),
     (Bands(max_chars=10, min_edit_distance=0), "x" * 11, "y" * 9, "too_long"),
     (Bands(max_length_ratio=2.0, min_edit_distance=0), "x" * 30, "y" * 10, "length_ratio"),
+    (Bands(min_edit_distance=0), "the same answer here.", "the same answer here.\n", "identical"),
     (Bands(min_edit_distance=0.2), "the same answer here!", "the same answer here.", "too_similar"),
     (Bands(max_edit_distance=0.5), "completely unrelated", "nothing alike at all", "too_different"),
     (Bands(), "a fine answer", "a poor reply", None),
