@@ -29,6 +29,7 @@ LENGTH_PREFIX = "length_constraints:"
 MIN_CASED_LETTERS = 10   # an answer needs this many cased letters before "all lowercase" says anything
 COMMA_MIN_WORDS = 20     # comma-free counts only for answers longer than this (short ones need no comma)
 DEFAULT_LONG_WORDS = 300
+TAIL_LINES = 4           # an answer ending in this many copies of one line loops
 
 # habit -> what it means; the key is also the field of a profile and of summarize()["habits"]
 HABITS: dict[str, str] = {
@@ -74,13 +75,17 @@ def _tail_period(tokens: list[str], max_period: int = 120) -> tuple[int, int]:
 def is_looping(text: str, *, min_words: int = 12) -> bool:
     """True when ``text`` is caught in a repetition loop.
 
-    Any of: its end repeats one unit at least three times and the loop covers a third of the words
+    Any of: its last :data:`TAIL_LINES` non-empty lines are one line repeated, whatever the line holds
+    ("-" or "*******" over and over); its end repeats one unit at least three times and the loop covers a third of the words
     (``* ice cube in the shape of a shaker`` over and over, numbered or not; "is is is is"); lines of four
     or more words that repeat earlier lines are more than half of such lines (one of them three or more
     times); over half of its 4-grams repeat earlier ones. Numbers count as one token, so a numbered loop
     is still a loop. A bulleted list whose items share a frame ("* Use ..."), or a poem or song whose
     refrain or chorus comes back every stanza, does not trip these.
     """
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) >= TAIL_LINES and len(set(lines[-TAIL_LINES:])) == 1:
+        return True  # the same line, whatever it holds ("-", "*******", a sentence), over and over at the end
     toks = _loop_tokens(text)
     if len(toks) < min_words:
         return False

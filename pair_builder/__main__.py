@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from pair_builder.actors import Job, run_jobs, start_workers
 from pair_builder.build import BuildSettings, item_id, principle_for
+from pair_builder.extras import extras_summary, select_extras, write_extras
 from pair_builder.report import write_report
 from pair_builder.sample import SamplingSettings
 from pair_builder.settings import check_config, connect
@@ -73,7 +74,8 @@ def build_settings(cfg: Config, model: str, revision: str, eos_token: str | None
         no_constraint_rule=p.no_constraint_rule, ref_logprobs=p.ref_logprobs, eos_token=eos_token,
         record_candidates=p.record_candidates, pair_rule=p.pair_rule, copy_span=p.copy_span,
         rule_out_looping=p.rule_out_looping, relevance=Relevance(min_overlap=p.min_task_overlap, min_pmi=p.min_pmi),
-        drop_unrequested_habits=p.drop_unrequested_habits,
+        drop_unrequested_habits=p.drop_unrequested_habits, stop_pairs=p.stop_pairs > 0,
+        habit_contrast=p.habit_contrast > 0,
     )
 
 
@@ -237,6 +239,10 @@ def run(cfg: Config) -> int:
                 writer.flush()
                 progress.close()
         entries = list(writer.done.values())
+        records = writer.records()
+        extras = select_extras(entries, records, habit_contrast=p.habit_contrast, stop_pairs=p.stop_pairs,
+                               seed=p.seed)
+        write_extras(rd.pairs, extras, writer.schema)
         info = {
             "run": cfg.run.name, "round": p.round, "model": served.name, "model_revision": served.revision,
             "constitution": str(checked.constitution.source), "constitution_sha256": checked.constitution.sha256,
@@ -246,6 +252,8 @@ def run(cfg: Config) -> int:
             "filters": {"pair_rule": p.pair_rule, "copy_span": p.copy_span, "rule_out_looping": p.rule_out_looping,
                         "min_task_overlap": p.min_task_overlap, "min_pmi": p.min_pmi,
                         "max_edit_distance": p.max_edit_distance, "drop_unrequested_habits": p.drop_unrequested_habits},
+            "extras": extras_summary(entries, records, extras, habit_contrast=p.habit_contrast,
+                                     stop_pairs=p.stop_pairs),
             "servers": ", ".join(checked.servers), "instructions": len(instructions),
             "sources": ", ".join(p.sources), "usd_per_hour": cfg.cost.gpu_usd_per_hour,
             "cost_usd": ledger.totals().get("pairs", {}).get("cost_usd", 0.0),  # every submission's pairs stage

@@ -2,6 +2,7 @@
 
     python -m pair_builder.audit runs/NAME/round-0/pairs [--sample 200] [--server URL --api-key KEY] [--json out.json]
     python -m pair_builder.audit --labelled tests/assets/labelled_pairs.jsonl [--sweep]
+    python -m pair_builder.audit runs/NAME/round-0/pairs --replay-extras [--habit-contrast 1 --stop-pairs 0.5]
 
 A pairs dir: a sample of its pairs (parquet shards), each checked for the defects below; a table of rates
 (and JSON). With ``--server``, also whether chosen answers its instruction (relevance, one request per pair).
@@ -29,6 +30,7 @@ import argparse
 import json
 import random
 import sys
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -278,6 +280,46 @@ def labelled_table(ev: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pairs: float = 0.0, seed: int = 0,
+                  min_overlap: float | None = 0.2) -> dict[str, Any]:
+    """What :mod:`pair_builder.extras` adds to a built round, replayed on its ``.meta/candidates.jsonl``
+    (written with ``pairs.record_candidates``) without a server: the extra pairs by kind and the habit balance
+    (:func:`pair_builder.extras.habit_balance`) of the checker pairs alone and with the extras."""
+    import pyarrow.parquet as pq
+
+    from pair_builder.extras import habit_balance, item_extras, select_extras
+    from pair_builder.sample import Candidate
+    from pair_builder.verify import Relevance, check_text
+    from shared.records import Constraint
+
+    d = Path(pairs_dir)
+    path = d / ".meta" / "candidates.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: build the round with pairs.record_candidates=true to replay it")
+    records = {r["id"]: r for shard in sorted(d.glob("shard-*.parquet")) for r in pq.read_table(shard).to_pylist()}
+    entries = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        cands = [Candidate(**{k: c.get(k) for k in ("text", "route", "finish_reason", "parent", "pass_no",
+                                                      "critique", "verdict", "problem", "overlap")},
+                           passed=list(c["passed"])) for c in row["candidates"]]
+        cons = [Constraint(**c) for c in row["constraints"]]
+        kept = (row["chosen"], row["rejected"]) if row["id"] in records else None
+        xs = item_extras(cands, kept=kept, constraint_ids=[c.id for c in cons],
+                         check=lambda t, ins=row["instruction"], cs=cons: check_text(t, ins, cs),
+                         relevance=Relevance(min_overlap=min_overlap))
+        base = records.get(row["id"], {"prompt": "", "constraints": json.dumps(row["constraints"])})
+        entries.append({"id": row["id"], "extras": [
+            {"kind": x["kind"], "record": {**base, "chosen": x["chosen"], "rejected": x["rejected"],
+                                           "principle_id": x["kind"]}} for x in xs]})
+    extras = select_extras(entries, records, habit_contrast=habit_contrast, stop_pairs=stop_pairs, seed=seed)
+    return {"pairs": len(records), "items": len(entries),
+            "candidates": dict(Counter(x["kind"] for e in entries for x in e["extras"]).most_common()),
+            "extras": dict(Counter(r["principle_id"] for r in extras).most_common()),
+            "balance_pairs": habit_balance(list(records.values())),
+            "balance_with_extras": habit_balance([*records.values(), *extras])}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pair_builder.audit", description=__doc__.split("\n")[0])
     ap.add_argument("pairs_dir", nargs="?", help="a pairs dir (runs/NAME/round-K/pairs)")
@@ -290,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the result as JSON here")
     ap.add_argument("--labelled", default=None, help="a labelled JSONL: print each filter's precision/recall")
     ap.add_argument("--sweep", action="store_true", help="with --labelled: the threshold sweeps too")
+    ap.add_argument("--replay-extras", action="store_true", help="with a pairs dir: the extra pairs its recorded "
+                    "candidates give (pair_builder.extras) and the habit balance with and without them")
+    ap.add_argument("--habit-contrast", type=float, default=1.0, help="with --replay-extras (pairs.habit_contrast)")
+    ap.add_argument("--stop-pairs", type=float, default=0.0, help="with --replay-extras (pairs.stop_pairs)")
     args = ap.parse_args(argv)
     template = load_template(args.template)
     if args.labelled:
@@ -299,6 +345,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.sweep:
             res["sweeps"] = sweeps(rows, template)
             print(json.dumps(res["sweeps"], indent=1))
+    elif args.pairs_dir and args.replay_extras:
+        from pair_builder.extras import balance_table
+
+        res = replay_extras(args.pairs_dir, habit_contrast=args.habit_contrast, stop_pairs=args.stop_pairs,
+                            seed=args.seed)
+        print(f"{res['pairs']} checker pairs from {res['items']} items; extra-pair candidates {res['candidates']}; "
+              f"selected {res['extras']}\n")
+        print("Checker pairs alone:\n" + balance_table(res["balance_pairs"]))
+        print("With the extra pairs:\n" + balance_table(res["balance_with_extras"]))
     elif args.pairs_dir:
         client = model = None
         if args.server:

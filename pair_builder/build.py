@@ -19,7 +19,8 @@ import openai
 from eval.constraints import describe
 from pair_builder.constitution import Constitution, Principle
 from pair_builder.critique import critique_and_revise
-from pair_builder.refscore import score_pair
+from pair_builder.extras import extra_id, item_extras
+from pair_builder.refscore import score_responses
 from pair_builder.sample import Candidate, SamplingSettings, Usage, request_seed, sample_responses
 from pair_builder.sources import Instruction
 from pair_builder.relevance import score_overlap, score_pmi
@@ -30,6 +31,7 @@ from pair_builder.verify import (
     NoConstraintRule,
     PairRule,
     Relevance,
+    check_text,
     choose,
     score_candidates,
 )
@@ -57,6 +59,8 @@ class BuildSettings:
     rule_out_looping: bool = True  # rule out candidates eval.degeneration.is_looping calls looping
     relevance: Relevance = Relevance()  # what chosen must reach: task-word overlap, PMI (pair_builder.relevance)
     drop_unrequested_habits: bool = True  # no pair whose chosen is all-lower/upper-case unasked (verify.unrequested_habit)
+    stop_pairs: bool = False  # collect stop-pair candidates (pair_builder.extras)
+    habit_contrast: bool = False  # collect habit-contrast candidates (pair_builder.extras)
 
     def id_settings(self, template: BaseTemplate) -> dict[str, Any]:
         """The sampling settings hashed into pair ids (the template is part of what the model was asked)."""
@@ -166,21 +170,41 @@ def _build(client: Any, ins: Instruction, principle: Principle, iid: str, settin
         result["candidates"] = {"instruction": ins.text, "constraints": [c.model_dump() for c in cons],
                                 "principle_id": principle.id, "chosen": decision.chosen, "rejected": decision.rejected,
                                 "reason": decision.reason, "candidates": [c.as_record() for c in cands]}
+    extras = item_extras(cands, kept=(decision.chosen, decision.rejected) if decision.kept else None,
+                         constraint_ids=[c.id for c in cons], check=lambda t: check_text(t, ins.text, cons),
+                         relevance=settings.relevance, stop=settings.stop_pairs, contrast=settings.habit_contrast)
+    if not decision.kept and not extras:
+        return
+    texts: list[str] = []  # every response to score, once
+    if decision.kept:
+        texts += [cands[decision.chosen].text, cands[decision.rejected].text]
+    for x in extras:
+        texts += [t for t in (x["chosen"], x["rejected"]) if t not in texts]
+    logps: dict[str, float | None] = dict.fromkeys(texts)
+    if settings.ref_logprobs:
+        scored = score_responses(client, settings.model, prompt, texts, usage=usage, eos=settings.eos_token or "")
+        logps = {t: s.logp for t, s in zip(texts, scored, strict=True)}
+        result["ref_straddled"] = sum(s.straddled for s in scored)
+
+    def record(rid: str, principle_id: str, chosen: str, rejected: str, chosen_passed: int,
+               rejected_passed: int) -> PairRecord:
+        return PairRecord(
+            id=rid, prompt=prompt, chosen=chosen, rejected=rejected, instruction_id=ins.id,
+            constraints=json.dumps([c.model_dump() for c in cons], sort_keys=True), principle_id=principle_id,
+            chosen_passed=chosen_passed, rejected_passed=rejected_passed, model=settings.model,
+            round=settings.round, ref_chosen_logps=logps[chosen], ref_rejected_logps=logps[rejected])
+
+    if extras:
+        result["extras"] = [{"kind": x["kind"], "record": record(extra_id(iid, x["kind"]), x["kind"], x["chosen"],
+                                                                  x["rejected"], x["chosen_passed"],
+                                                                  x["rejected_passed"]).model_dump()}
+                            for x in extras]
     if not decision.kept:
         return
     chosen, rejected = cands[decision.chosen], cands[decision.rejected]
-    record = PairRecord(
-        id=iid, prompt=prompt, chosen=chosen.text, rejected=rejected.text, instruction_id=ins.id,
-        constraints=json.dumps([c.model_dump() for c in cons], sort_keys=True), principle_id=principle.id,
-        chosen_passed=chosen.n_passed, rejected_passed=rejected.n_passed, model=settings.model, round=settings.round,
-    )
-    if settings.ref_logprobs:
-        lc, lr = score_pair(client, settings.model, prompt, chosen.text, rejected.text, usage=usage,
-                            eos=settings.eos_token or "")
-        record.ref_chosen_logps, record.ref_rejected_logps = lc.logp, lr.logp
-        result["ref_straddled"] = int(lc.straddled) + int(lr.straddled)
+    rec = record(iid, principle.id, chosen.text, rejected.text, chosen.n_passed, rejected.n_passed)
     result.update(chosen_finish=chosen.finish_reason, rejected_finish=rejected.finish_reason,
                   chosen_passed_list=chosen.passed, rejected_passed_list=rejected.passed, task=ins.task,
                   chosen_overlap=chosen.overlap, chosen_pmi=chosen.pmi)
-    result.update(kept=True, route=chosen.route, record=record.model_dump(), chosen_passed=chosen.n_passed,
+    result.update(kept=True, route=chosen.route, record=rec.model_dump(), chosen_passed=chosen.n_passed,
                   rejected_passed=rejected.n_passed, chosen_chars=len(chosen.text), rejected_chars=len(rejected.text))

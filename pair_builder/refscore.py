@@ -54,17 +54,23 @@ def completion_logprobs(prompt_tokens: list[str], full: list[tuple[list[str], li
     return out
 
 
-def score_pair(client: Any, model: str, prompt: str, chosen: str, rejected: str, *,
-               usage: Usage, eos: str = "") -> tuple[ResponseLogprob, ResponseLogprob]:
-    """Reference log-probs of ``chosen + eos`` and ``rejected + eos`` given ``prompt`` (one request)."""
+def score_responses(client: Any, model: str, prompt: str, responses: list[str], *, usage: Usage,
+                    eos: str = "") -> list[ResponseLogprob]:
+    """Reference log-probs of each ``response + eos`` given ``prompt``, all in one request."""
     resp = client.completions.create(
-        model=model, prompt=[prompt, prompt + chosen + eos, prompt + rejected + eos], max_tokens=0, echo=True,
+        model=model, prompt=[prompt, *(prompt + r + eos for r in responses)], max_tokens=0, echo=True,
         logprobs=1, temperature=0.0, extra_body={"return_tokens_as_token_ids": True})
     usage.add(resp)
     choices = sorted(resp.choices, key=lambda c: c.index)
-    if len(choices) != 3 or any(c.logprobs is None for c in choices):
+    if len(choices) != len(responses) + 1 or any(c.logprobs is None for c in choices):
         raise ValueError("the server returned no echo log-probs; gen_server (embedded or vLLM) answers "
                          "echo=True with logprobs - set pairs.ref_logprobs=false for other servers")
-    lc, lr = completion_logprobs(list(choices[0].logprobs.tokens),
-                                 [(list(c.logprobs.tokens), list(c.logprobs.token_logprobs)) for c in choices[1:]])
+    return completion_logprobs(list(choices[0].logprobs.tokens),
+                               [(list(c.logprobs.tokens), list(c.logprobs.token_logprobs)) for c in choices[1:]])
+
+
+def score_pair(client: Any, model: str, prompt: str, chosen: str, rejected: str, *,
+               usage: Usage, eos: str = "") -> tuple[ResponseLogprob, ResponseLogprob]:
+    """Reference log-probs of ``chosen + eos`` and ``rejected + eos`` given ``prompt`` (one request)."""
+    lc, lr = score_responses(client, model, prompt, [chosen, rejected], usage=usage, eos=eos)
     return lc, lr

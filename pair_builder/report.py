@@ -13,6 +13,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from pair_builder.extras import balance_table
 from shared.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,25 @@ def _audit_section(audit: dict[str, Any] | None) -> str:
             f"{audit['table']}\n")
 
 
+def _extras_section(x: dict[str, Any] | None) -> str:
+    if not x:
+        return ""
+    return ("## Extra pairs (`extras.parquet`)\n"
+            "Checker pairs that reward a habit besides their constraints (chosen shows it, rejected does not): "
+            f"{', '.join(f'{k} {v}' for k, v in x['rewarded_habits'].items()) or 'none'}. "
+            f"pairs.stop_pairs={x['stop_pairs']} stop pairs per checker pair (a finished answer against a looping "
+            f"or truncated one); then pairs.habit_contrast={x['habit_contrast']} habit-contrast pairs (an answer to "
+            "an instruction that did not ask for the habit, against itself with the habit applied) per pair that "
+            "pushes a habit up beyond those that push it down. `principle_id` names the kind; see "
+            "`pair_builder.extras`.\n\n"
+            "| kind | candidates | written |\n|---|---|---|\n"
+            + "".join(f"| {k} | {x['candidates'].get(k, 0)} | {x['written'].get(k, 0)} |\n"
+                      for k in sorted(set(x['candidates']) | set(x['written']))) + "\n"
+            + ("What all the pairs push up (chosen shows the habit, rejected does not) and down, where the "
+               "instruction asked for the habit and where it did not:\n\n" + balance_table(x["balance"]) + "\n"
+               if x.get("balance") else ""))
+
+
 def write_card(pairs_dir: Path, info: dict[str, Any], stats: dict[str, Any], plots: list[str],
                audit: dict[str, Any] | None = None) -> Path:
     """The dataset card ``README.md``: what made the pairs and what came out (and, given, the audit summary)."""
@@ -149,7 +169,7 @@ columns `prompt`/`chosen`/`rejected` feed TRL's DPOTrainer directly{', with `ref
 | cost | ${info['cost_usd']:.4f} for pair building, all submissions (cost.gpu_usd_per_hour={info['usd_per_hour']}); ${info['cost_per_pair']:.5f} per kept pair |
 
 ## Drop reasons
-{_table(stats['drop_reasons'])}
+{_table(stats['drop_reasons'])}{_extras_section(info.get('extras'))}
 ## Which route produced the chosen response
 {_table(stats['chosen_route'])}
 ## Candidates ruled out (scaffolding, truncation, copies, loops)

@@ -150,12 +150,17 @@ def scaffolding_problem(c: Candidate, examples: ExampleIndex | None = None, inst
     return None
 
 
+def check_text(text: str, instruction_text: str, constraints: list[Constraint]) -> list[bool]:
+    """One bool per constraint: does ``text`` satisfy it (strict IFEval)."""
+    with _CHECK_LOCK:
+        return [check(con.id, con.kwargs, instruction_text, text) for con in constraints]
+
+
 def score_candidates(candidates: list[Candidate], instruction_text: str, constraints: list[Constraint],
                      examples: ExampleIndex | None = None, *, looping: bool = True) -> None:
     """Fill ``passed`` (one bool per constraint, strict IFEval) and ``problem`` of every candidate."""
     for c in candidates:
-        with _CHECK_LOCK:
-            c.passed = [check(con.id, con.kwargs, instruction_text, c.text) for con in constraints]
+        c.passed = check_text(c.text, instruction_text, constraints)
         c.problem = scaffolding_problem(c, examples, instruction_text, looping=looping)
 
 

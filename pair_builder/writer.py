@@ -87,6 +87,14 @@ class PairWriter:
         else:
             atomic_write_json(path, manifest)
 
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every written checker pair, by id (flush first)."""
+        out: dict[str, dict[str, Any]] = {}
+        for shard in self.shards():
+            for row in pq.read_table(shard).to_pylist():
+                out[row["id"]] = row
+        return out
+
     def is_done(self, item_id: str) -> bool:
         return item_id in self.done
 

@@ -22,6 +22,7 @@ from shared.atomic import atomic_write_text
 from shared.config import Config, dump_config
 from shared.ledger import CostLedger
 from shared.prompting import BaseTemplate, load_template
+from shared.records import is_extra
 from shared.rundir import RunDir
 
 METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
@@ -170,21 +171,27 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
 
 
 def _example_pairs(pairs_dir: Path, template: BaseTemplate, n: int = 3, seed: int = 0, chars: int = 600) -> list[str]:
-    """``n`` pairs of a round (a seeded sample), as readable text: instruction, constraints, chosen, rejected."""
+    """``n`` checker pairs of a round (a seeded sample) and one extra pair of each kind (pair_builder.extras), as
+    readable text: instruction, constraints, chosen, rejected."""
     import pyarrow.parquet as pq
 
     shards = sorted(pairs_dir.glob("*.parquet"))
     if not shards:
         return []
-    cols = ["prompt", "chosen", "rejected", "constraints", "chosen_passed", "rejected_passed"]
+    cols = ["prompt", "chosen", "rejected", "constraints", "chosen_passed", "rejected_passed", "principle_id"]
     rows = [r for sh in shards for r in pq.read_table(sh, columns=[c for c in cols if c in
                                                                        pq.read_schema(sh).names]).to_pylist()]
     rng = random.Random(seed)
+    checker = [r for r in rows if not is_extra(r.get("principle_id"))]
+    picked = rng.sample(checker, min(n, len(checker)))
+    for kind in sorted({r["principle_id"] for r in rows if is_extra(r.get("principle_id"))}):
+        picked.append(rng.choice([r for r in rows if r.get("principle_id") == kind]))
     out = []
-    for r in rng.sample(rows, min(n, len(rows))):
+    for r in picked:
         query = template.instruction_of(r["prompt"])
         cut = lambda t: t if len(t) <= chars else t[:chars] + f" [... {len(t) - chars} more chars]"  # noqa: E731
-        out.append(f"INSTRUCTION: {query}\nCONSTRAINTS: {r.get('constraints', '')}\n\n"
+        kind = f"EXTRA PAIR: {r['principle_id']}\n" if is_extra(r.get("principle_id")) else ""
+        out.append(f"{kind}INSTRUCTION: {query}\nCONSTRAINTS: {r.get('constraints', '')}\n\n"
                    f"CHOSEN (passes {r.get('chosen_passed')}):\n{cut(r['chosen'])}\n\n"
                    f"REJECTED (passes {r.get('rejected_passed')}):\n{cut(r['rejected'])}")
     return out

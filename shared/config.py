@@ -286,6 +286,14 @@ class PairsConfig(Section):
                                           "all-uppercase when its instruction did not ask for it (and rejected is "
                                           "not): such pairs teach the habit everywhere (measured on gemma3-270m: "
                                           "unrequested lowercase 1.8% -> 16.4% after one round).")
+    habit_contrast: float = Field(1.0, ge=0.0, description="Habit-contrast pairs per checker pair that rewards a "
+                                  "habit (all-lowercase, all-uppercase, no commas): the same chosen answer of another "
+                                  "item that did not ask for it, against itself with the habit applied "
+                                  "(pair_builder.extras). 1.0 balances them: the habit is rewarded only where asked. "
+                                  "0 = off.")
+    stop_pairs: float = Field(0.0, ge=0.0, description="Stop pairs per checker pair: a finished answer against a "
+                              "looping or truncated one of the same instruction that passes no more constraints "
+                              "(pair_builder.extras). For base models that loop to the token limit; 0 = off.")
     min_task_overlap: float | None = Field(0.2, ge=0.0, le=1.0, description="Chosen must use this share of the task's "
                                            "content words (free; precision 0.86, recall 0.68 for chosen answers "
                                            "labelled irrelevant among 186 labelled pairs); null = off.")

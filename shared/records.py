@@ -48,6 +48,16 @@ class PairRecord(BaseModel):
     ref_rejected_logps: float | None = None
 
 
+STOP_KIND = "stop"
+CONTRAST_PREFIX = "contrast:"
+
+
+def is_extra(principle_id: str | None) -> bool:
+    """True for an extra pair (pair_builder.extras), whose ``principle_id`` names the rule that made it: it need
+    not pass more constraints than its rejected answer."""
+    return principle_id == STOP_KIND or (principle_id or "").startswith(CONTRAST_PREFIX)
+
+
 def content_hash(*parts: Any) -> str:
     """A stable hash of JSON-able parts: the same content gives the same id in every process."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)

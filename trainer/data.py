@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.prompting import BaseTemplate
-from shared.records import PAIR_COLUMNS, REF_LOGP_COLUMNS
+from shared.records import PAIR_COLUMNS, REF_LOGP_COLUMNS, is_extra
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -119,6 +119,24 @@ def load_pairs(pairs_dir: str | Path) -> Dataset:
     if not shards:
         raise PairsDataError(f"no *.parquet shards in {pairs_dir}; is pair building finished?")
     return load_dataset("parquet", data_files=shards, split="train")
+
+
+def split_eval(ds: Dataset, eval_split: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """(train, held-out) rows: ``eval_split`` of the checker pairs held out (None when that rounds to 0).
+    Extra pairs (:func:`shared.records.is_extra`: stop pairs, habit contrasts) all train: they are easy by
+    construction, and in the held-out set they would inflate the reward accuracy the run reports."""
+    from datasets import concatenate_datasets
+
+    extra = ([is_extra(p) for p in ds["principle_id"]] if "principle_id" in ds.column_names
+             else [False] * ds.num_rows)
+    checker = [i for i, e in enumerate(extra) if not e]
+    n_eval = int(len(checker) * eval_split)
+    if n_eval < 1:
+        return ds, None
+    split = ds.select(checker).train_test_split(test_size=n_eval, seed=seed)
+    extras = [i for i, e in enumerate(extra) if e]
+    train = concatenate_datasets([split["train"], ds.select(extras)]) if extras else split["train"]
+    return train, split["test"]
 
 
 def template_frame(template: BaseTemplate) -> tuple[str, str]:
@@ -230,7 +248,10 @@ def validate_pairs(
         report.add("ref_logps", "error", ds.num_rows, f"only one of {list(REF_LOGP_COLUMNS)} present; need both")
 
     if "chosen_passed" in ds.column_names and "rejected_passed" in ds.column_names:
-        not_better = [ids[i] for i, (a, b) in enumerate(zip(ds["chosen_passed"], ds["rejected_passed"])) if a <= b]
+        extra = ([is_extra(p) for p in ds["principle_id"]] if "principle_id" in ds.column_names
+                 else [False] * ds.num_rows)
+        not_better = [ids[i] for i, (a, b) in enumerate(zip(ds["chosen_passed"], ds["rejected_passed"]))
+                      if a <= b and not extra[i]]
         if not_better:
             report.add("passed_counts", "warning", len(not_better), "chosen does not pass more constraints than "
                        "rejected", not_better)

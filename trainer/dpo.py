@@ -29,7 +29,7 @@ from shared.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from shared.config import Config, ConfigError, add_config_args, config_from_args
 from shared.ledger import CostLedger
 from shared.rundir import RunDir
-from trainer.data import PairsDataError, load_pairs, validate_pairs
+from trainer.data import PairsDataError, load_pairs, split_eval, validate_pairs
 from trainer.paths import TrainPaths, resolve_train_paths
 
 log = logging.getLogger(__name__)
@@ -387,14 +387,12 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
     ds = load_pairs(paths.pairs_dir)
     ref_cols = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in ds.column_names]
     use_ref_logps = len(ref_cols) == 2
-    ds = ds.select_columns(["prompt", "chosen", "rejected", *ref_cols])
-    n_eval = int(len(ds) * t.eval_split)
-    eval_ds = None
-    if n_eval >= 1:
-        split = ds.train_test_split(test_size=n_eval, seed=t.seed)
-        ds, eval_ds = split["train"], split["test"]
-    elif t.eval_split > 0:
+    ds, eval_ds = split_eval(ds, t.eval_split, t.seed)
+    if eval_ds is None and t.eval_split > 0:
         log.warning("eval split of %d pairs x %.2f rounds to 0: no eval and no early stopping", len(ds), t.eval_split)
+    keep = ["prompt", "chosen", "rejected", *ref_cols]
+    ds = ds.select_columns(keep)
+    eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None
 
     batch_size = resolve_batch_size(cfg, paths.base_model)
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 import urllib.request
 from pathlib import Path
 
@@ -23,8 +24,10 @@ import pytest
 import ray
 
 from gen_server.process import ServerProcess, free_port
+from pair_builder.extras import extras_counts
 from pair_builder.__main__ import run
 from shared.config import load_config
+from shared.records import is_extra
 from tests.tiny import write_pair_assets
 
 pytestmark = pytest.mark.integration
@@ -73,8 +76,11 @@ def check_output(d: Path, n_instructions: int) -> list[dict]:
     assert len({e["id"] for e in done}) == len(done) == n_instructions
     stats = json.loads((d / ".meta" / "stats.json").read_text())
     assert stats["kept"] + sum(stats["drop_reasons"].values()) == stats["items_done"] == n_instructions
-    ds = datasets.load_dataset("parquet", data_dir=str(d), split="train")
+    ds = datasets.load_dataset("parquet", data_files=[str(p) for p in d.glob("shard-*.parquet")], split="train")
     assert len(set(ds["id"])) == len(ds) == stats["kept"] == sum(e["kept"] for e in done)
+    everything = datasets.load_dataset("parquet", data_dir=str(d), split="train")  # what the trainer reads
+    extras = everything.filter(lambda r: is_extra(r["principle_id"]))
+    assert len(everything) == len(ds) + len(extras) and not set(extras["id"]) & set(ds["id"])
     assert set(ds["id"]) == {e["id"] for e in done if e["kept"]}
     assert {"prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"} <= set(ds.column_names)
     assert all(isinstance(x, float) and x < 0 for x in ds["ref_chosen_logps"])
@@ -89,23 +95,29 @@ def local_ray():
 
 
 def test_in_process_build_then_resume_does_nothing(server, assets, tmp_path, local_ray):
-    cfg = load_config(None, overrides(server, assets, tmp_path, "a"))
+    cfg = load_config(None, overrides(server, assets, tmp_path, "a", "pairs.stop_pairs=1.0"))
     assert run(cfg) == 0
     d = pairs_dir(tmp_path, "a")
     done = check_output(d, len(INSTRUCTIONS))
     kept = sum(e["kept"] for e in done)
     assert kept >= 16, f"only {kept} pairs kept; drops: {[e['reason'] for e in done if not e['kept']]}"
+    # extra pairs: every item's candidates in its done entry, as many stop pairs as checker pairs at most
+    pool = Counter(x["kind"] for e in done for x in e.get("extras") or ())
+    summary = json.loads((d / ".meta" / "stats.json").read_text())["run"]["extras"]
+    assert summary["candidates"] == dict(pool) and summary["written"] == extras_counts(d)
+    assert extras_counts(d).get("stop", 0) == min(pool["stop"], kept)
+    print("extra-pair candidates", dict(pool), "written", extras_counts(d))
     assert {e["route"] for e in done if e["kept"]} == {"rewrite"}
     card = (d / "README.md").read_text()
     assert "tiny" in card and "Drop reasons" in card and "cost" in card
     for png in ("lengths.png", "pass_rates.png", "drop_reasons.png", "instruction_lengths.png"):
         assert (d / ".meta" / png).stat().st_size > 1000
-    shards = {p.name: p.stat().st_mtime_ns for p in d.glob("shard-*.parquet")}
+    shards = {p.name: p.stat().st_mtime_ns for p in d.glob("*.parquet")}
 
     assert run(cfg) == 0  # resubmission: nothing left to do
     ledger = [json.loads(x) for x in (tmp_path / "a" / "round-0" / "ledger.jsonl").read_text().splitlines()]
     assert ledger[0]["requests"] > 0 and ledger[-1].get("requests", 0) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in d.glob("shard-*.parquet")} == shards
+    assert {p.name: p.stat().st_mtime_ns for p in d.glob("*.parquet")} == shards
     check_output(d, len(INSTRUCTIONS))
 
 

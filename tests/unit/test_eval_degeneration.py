@@ -55,12 +55,19 @@ ESSAY = ("Tides are the regular rise and fall of the sea. They are caused mainly
          "higher than usual; these are called spring tides. When they are at right angles the tides are weaker.")
 
 
-@pytest.mark.parametrize("text", [SHAKER_LOOP, NUMBERED_LOOP, SENTENCE_LOOP, PARAGRAPH_LOOP, WORD_LOOP])
+# seen in a base model's IFEval answers after one round: symbol lines the word-based rules cannot see
+SYMBOL_LOOP = "India\nChina\n" + "*******\n" * 30
+DASH_LOOP = "Clarissa is a new employee. She is responsible for the following:\n" + "-\n" * 40
+
+
+@pytest.mark.parametrize("text", [SHAKER_LOOP, NUMBERED_LOOP, SENTENCE_LOOP, PARAGRAPH_LOOP, WORD_LOOP, SYMBOL_LOOP,
+                                  DASH_LOOP])
 def test_loops_are_loops(text):
     assert is_looping(text)
 
 
-@pytest.mark.parametrize("text", [BULLETS, REFRAIN_POEM, SONG, ESSAY, "Yes yes yes yes.", ""])
+@pytest.mark.parametrize("text", [BULLETS, REFRAIN_POEM, SONG, ESSAY, "Yes yes yes yes.", "",
+                                  "A\n***\nB\n***\nC\n***\nD", "Title\n-\n-\n-"])
 def test_lists_poems_and_prose_are_not_loops(text):
     assert not is_looping(text)
 

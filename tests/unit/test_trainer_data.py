@@ -118,3 +118,27 @@ def test_missing_dir_names_the_fix(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PairsDataError, match="no \\*.parquet"):
         load_pairs(tmp_path / "empty")
+
+
+def test_passed_counts_warns_except_for_extra_pairs(tmp_path, tok):
+    rows = _rows(4)
+    rows[0]["rejected_passed"] = 1  # a checker pair whose chosen passes no more: suspicious
+    rows[1].update(principle_id="stop", rejected_passed=1)  # extra pairs need no margin (pair_builder.extras)
+    rows[2].update(principle_id="contrast:lowercase", rejected_passed=1)
+    report = _validate(tmp_path, rows, tok)
+    [problem] = [p for p in report.problems if p.check == "passed_counts"]
+    assert problem.severity == "warning" and problem.rows == 1 and problem.examples == ["id0"]
+
+
+def test_split_eval_holds_out_checker_pairs_only():
+    from datasets import Dataset
+
+    from trainer.data import split_eval
+
+    rows = _rows(20)
+    for r in rows[:10]:
+        r["principle_id"] = "stop" if r["id"] < "id5" else "contrast:no_comma"
+    train, held = split_eval(Dataset.from_list(rows), 0.2, seed=0)
+    assert len(held) == 2 and not any(p in ("stop", "contrast:no_comma") for p in held["principle_id"])
+    assert len(train) == 18 and sorted(list(train["id"]) + list(held["id"])) == sorted(r["id"] for r in rows)
+    assert split_eval(Dataset.from_list(rows), 0.05, seed=0)[1] is None  # 0.05 x 10 checker pairs rounds to 0

@@ -1,0 +1,224 @@
+"""Extra pairs that teach what the checker pairs cannot: when to stop, and habits only on request.
+
+Measured on a base model's first GPU round (docs/training.md): the checker pairs alone taught habits. 44 of
+293 pairs asked for all-lowercase and rewarded it, 100 asked for no commas and rewarded that; no pair showed
+the model an answer that does NOT do either when it was not asked. After one round, 16% of answers to prompts
+that never ask for lowercase were all-lowercase (2% before). And 39% of the base model's answers loop until
+the token limit, but looping candidates were only ever ruled out, so no pair taught the model to stop.
+
+Two kinds of extra pair come from each item, beside its checker pair:
+
+* **stop** - a finished, relevant candidate against a looping or truncated one of the same item
+  (:func:`stop_pair`), when the finished one passes every constraint the degenerate one passes. The base
+  model's own samples, nothing synthetic: "end the answer" is the lesson.
+* **habit contrast** - ``contrast:<habit>`` for each of lowercase / uppercase / no_comma that the
+  instruction does not ask for: the item's chosen answer (which does not show the habit) against the same
+  text with the habit applied (:data:`TRANSFORMS`), when that transform passes no constraint the answer fails.
+  Set against a pair that rewards lowercase where lowercase was asked for, it says "only when asked".
+
+Items store these as candidates (:func:`item_extras`, with their reference log-probs) in their ``done``
+entry; at the end of a build :func:`select_extras` takes, over the whole round,
+
+* ``stop_pairs`` stop pairs per checker pair;
+* per habit, ``habit_contrast`` contrast pairs for every pair (checker or stop) that pushes the habit up
+  (chosen shows it, rejected does not: :func:`rewarded_habits`) beyond the pairs that push it down, so that
+  overall the habit is rewarded no more than it is penalized: what is left is "when asked";
+
+each in a fixed order from the item id (the same pairs on every rerun), and :func:`write_extras` writes them
+atomically as ``extras.parquet`` beside the shards. It is derived data: rebuilt whole after every build. An
+extra pair's ``principle_id`` names the rule that made it (``stop``, ``contrast:lowercase``, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from eval.degeneration import LOWERCASE_ID, NO_COMMA_ID, UPPERCASE_ID, profile, words
+from pair_builder.sample import Candidate
+from pair_builder.verify import Relevance, unrequested_habit
+from shared.atomic import atomic_write_bytes
+from shared.records import CONTRAST_PREFIX, STOP_KIND, content_hash
+
+EXTRAS_FILE = "extras.parquet"
+STOP = STOP_KIND
+STOP_MIN_WORDS = 5  # a finished answer shorter than this teaches "say nothing", not "stop"
+DEGENERATE = ("looping", "truncated")
+
+
+def _drop_commas(text: str) -> str:
+    return re.sub(r",(?=\s)", "", text).replace(",", " ")
+
+
+# habit -> (the constraint that asks for it, the transform that applies it)
+TRANSFORMS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "lowercase": (LOWERCASE_ID, str.lower),
+    "uppercase": (UPPERCASE_ID, str.upper),
+    "no_comma": (NO_COMMA_ID, _drop_commas),
+}
+
+
+def _weakly_dominates(a: Sequence[bool], b: Sequence[bool]) -> bool:
+    return all(x or not y for x, y in zip(a, b, strict=True))
+
+
+def stop_pair(cands: list[Candidate], *, relevance: Relevance = Relevance(),
+              constraint_ids: Sequence[str] = ()) -> tuple[int, int] | None:
+    """(finished, degenerate) candidate indices for a stop pair, or None.
+
+    Finished: no problem, relevant, at least :data:`STOP_MIN_WORDS` words, no unrequested case habit the
+    degenerate one lacks; it passes every constraint the degenerate one passes. Among those, the one passing
+    most constraints (then a rewrite, then the earlier); against it the looping candidate before a merely
+    truncated one, then the one passing fewest.
+    """
+    bad = [i for i, c in enumerate(cands) if c.problem in DEGENERATE and c.text.strip()]
+    good = [i for i, c in enumerate(cands) if c.problem is None and relevance.ok(c)
+            and len(words(c.text)) >= STOP_MIN_WORDS]
+    options = [(g, b) for g in good for b in bad if _weakly_dominates(cands[g].passed, cands[b].passed)
+               and cands[g].text.strip() != cands[b].text.strip()
+               and not unrequested_habit(cands[g].text, cands[b].text, constraint_ids)]
+    if not options:
+        return None
+    return max(options, key=lambda gb: (cands[gb[0]].n_passed, cands[gb[0]].route == "rewrite", -gb[0],
+                                        cands[gb[1]].problem == "looping", -cands[gb[1]].n_passed, -gb[1]))
+
+
+def contrasts(text: str, constraint_ids: Sequence[str]) -> dict[str, str]:
+    """habit -> ``text`` with the habit applied, for each habit the instruction does not ask for and ``text``
+    does not already show (:func:`eval.degeneration.profile` says False, not None: long enough to tell)."""
+    prof = profile(text, constraint_ids)
+    out = {}
+    for habit, (_, apply) in TRANSFORMS.items():
+        if prof[habit] is False:
+            changed = apply(text)
+            if changed.strip() != text.strip():
+                out[habit] = changed
+    return out
+
+
+def rewarded_habits(chosen: str, rejected: str) -> list[str]:
+    """The habits of :data:`TRANSFORMS` that ``chosen`` shows and ``rejected`` does not: what the pair rewards
+    besides its constraints."""
+    c, r = profile(chosen, ()), profile(rejected, ())
+    return [h for h in TRANSFORMS if c[h] and not r[h]]
+
+
+def item_extras(cands: list[Candidate], *, kept: tuple[int, int] | None, constraint_ids: Sequence[str],
+                check: Callable[[str], list[bool]], relevance: Relevance = Relevance(), stop: bool = True,
+                contrast: bool = True) -> list[dict[str, Any]]:
+    """The extra-pair candidates of one item: ``{"kind", "chosen", "rejected", "chosen_passed",
+    "rejected_passed"}`` dicts (texts and constraint counts). ``kept`` is the item's checker pair (chosen,
+    rejected indices) or None; ``check`` scores a text against the item's constraints."""
+    out: list[dict[str, Any]] = []
+    if stop and (sp := stop_pair(cands, relevance=relevance, constraint_ids=constraint_ids)) is not None:
+        g, b = cands[sp[0]], cands[sp[1]]
+        out.append({"kind": STOP, "chosen": g.text, "rejected": b.text, "chosen_passed": g.n_passed,
+                    "rejected_passed": b.n_passed})
+    if contrast and kept is not None:
+        chosen = cands[kept[0]]
+        for habit, changed in contrasts(chosen.text, constraint_ids).items():
+            passed = check(changed)
+            if _weakly_dominates(chosen.passed, passed):
+                out.append({"kind": f"{CONTRAST_PREFIX}{habit}", "chosen": chosen.text, "rejected": changed,
+                            "chosen_passed": chosen.n_passed, "rejected_passed": sum(passed)})
+    return out
+
+
+def extra_id(item_id: str, kind: str) -> str:
+    return content_hash(item_id, kind)
+
+
+def select_extras(entries: list[dict[str, Any]], records: dict[str, dict[str, Any]], *, habit_contrast: float,
+                  stop_pairs: float, seed: int = 0) -> list[dict[str, Any]]:
+    """The round's extra pairs (full pair records), chosen from the items' candidates (``entries``: the done
+    log; ``records``: the checker pairs by id). See the module doc for how many of each."""
+    pool: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for e in entries:
+        for x in e.get("extras") or ():
+            if x["kind"] == STOP or e["id"] in records:  # a contrast needs its item's checker pair kept
+                pool.setdefault(x["kind"], []).append((e["id"], x))
+
+    def take(kind: str, n: int) -> list[dict[str, Any]]:
+        ranked = sorted(pool.get(kind, ()), key=lambda ix: content_hash(seed, ix[0], kind))
+        return [{**x["record"], "id": extra_id(iid, kind)} for iid, x in ranked[:max(n, 0)]]
+
+    out = take(STOP, round(stop_pairs * len(records)))
+    # what the checker pairs and the stop pairs push up and down, whether asked or not: contrasts fill the gap
+    push = Counter()
+    for r in [*records.values(), *out]:
+        for h in rewarded_habits(r["chosen"], r["rejected"]):
+            push[h] += 1
+        for h in rewarded_habits(r["rejected"], r["chosen"]):
+            push[h] -= 1
+    for h in TRANSFORMS:
+        out += take(f"{CONTRAST_PREFIX}{h}", round(habit_contrast * push[h]))
+    return out
+
+
+def habit_balance(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per habit, how many pairs push it up (chosen shows it, rejected does not) and down (the reverse), where
+    the instruction asked for it and where it did not. A set that teaches the habit only on request has
+    ``up`` ~ ``down`` among the pairs that did not ask (its contrast pairs push down)."""
+    out = {h: {"asked_up": 0, "asked_down": 0, "unasked_up": 0, "unasked_down": 0} for h in TRANSFORMS}
+    for r in rows:
+        ids = {c["id"] for c in json.loads(r.get("constraints") or "[]")}
+        c, j = profile(r["chosen"], ()), profile(r["rejected"], ())
+        for h, (cid, _) in TRANSFORMS.items():
+            where = "asked" if cid in ids else "unasked"
+            if c[h] and not j[h]:
+                out[h][f"{where}_up"] += 1
+            elif j[h] and not c[h]:
+                out[h][f"{where}_down"] += 1
+    return out
+
+
+def balance_table(balance: dict[str, dict[str, int]]) -> str:
+    rows = "".join(f"| {h} | {b['asked_up']} | {b['asked_down']} | {b['unasked_up']} | {b['unasked_down']} |\n"
+                   for h, b in balance.items())
+    return ("| habit | asked: up | asked: down | not asked: up | not asked: down |\n|---|---|---|---|---|\n"
+            + rows)
+
+
+def extras_summary(entries: list[dict[str, Any]], records: dict[str, dict[str, Any]], written: list[dict[str, Any]],
+                   *, habit_contrast: float, stop_pairs: float) -> dict[str, Any]:
+    """For the dataset card: the settings, what the checker pairs reward, the candidates, what was written."""
+    return {
+        "habit_contrast": habit_contrast, "stop_pairs": stop_pairs,
+        "rewarded_habits": dict(Counter(h for r in records.values()
+                                        for h in rewarded_habits(r["chosen"], r["rejected"])).most_common()),
+        "candidates": dict(Counter(x["kind"] for e in entries for x in e.get("extras") or ()).most_common()),
+        "written": dict(Counter(r["principle_id"] for r in written).most_common()),
+        "balance": habit_balance([*records.values(), *written]),
+    }
+
+
+def extras_counts(pairs_dir: str | Path) -> dict[str, int]:
+    """Extra pairs in a pairs dir, by kind (``{}`` when there are none)."""
+    path = Path(pairs_dir) / EXTRAS_FILE
+    if not path.exists():
+        return {}
+    kinds = pq.read_table(path, columns=["principle_id"]).column("principle_id").to_pylist()
+    return dict(Counter(kinds).most_common())
+
+
+def write_extras(pairs_dir: str | Path, rows: list[dict[str, Any]], schema: pa.Schema) -> Path | None:
+    """``extras.parquet`` with ``rows`` (atomically replaced; the shards' schema, so the trainer reads them as
+    one dataset), or removed when there are none."""
+    path = Path(pairs_dir) / EXTRAS_FILE
+    if not rows:
+        path.unlink(missing_ok=True)
+        return None
+    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    if not (path.exists() and path.read_bytes() == buf.getvalue()):  # a resubmission that changed nothing
+        atomic_write_bytes(path, buf.getvalue())
+    return path
