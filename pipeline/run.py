@@ -26,7 +26,7 @@ from typing import Any
 
 from gen_server.process import ServerProcess
 from pipeline.state import RunState
-from shared.config import Config, load_config
+from shared.config import Config, load_config, redacted
 from shared.ledger import CostLedger
 from shared.rundir import RunDir
 
@@ -73,7 +73,7 @@ def _check_saved_config(rd: RunDir, cfg: Config) -> None:
     cache, pair_builder's pairs dir) when a setting that shaped them changed.
     """
     if rd.config_path.exists():
-        a, b = load_config(rd.config_path).model_dump(mode="json"), cfg.model_dump(mode="json")
+        a, b = redacted(load_config(rd.config_path), None), redacted(cfg, None)  # secrets are never saved
         diff = [f"{s}.{k}: {a[s].get(k)!r} -> {b[s].get(k)!r}" for s in a for k in sorted(set(a[s]) | set(b[s]))
                 if a[s].get(k) != b[s].get(k)]
         if diff:

@@ -438,13 +438,33 @@ def load_config(
     return cfg
 
 
+SECRET_FIELDS = ("api_key",)  # never written to a run dir, a report or a log
+REDACTED = "<redacted>"
+
+
+def redacted(cfg: BaseModel, mark: str | None = REDACTED) -> dict[str, Any]:
+    """The config as JSON-able dicts with every secret (:data:`SECRET_FIELDS`, at any depth) that is set
+    replaced by ``mark``."""
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: (mark if k in SECRET_FIELDS and v is not None else walk(v)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+    return walk(cfg.model_dump(mode="json"))
+
+
 def dump_config(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML for people (reports, logs): secrets show as ``<redacted>``."""
+    return yaml.safe_dump(redacted(cfg), sort_keys=False)
 
 
 def save_config(cfg: BaseModel, path: str | os.PathLike[str]) -> Path:
-    """Write the resolved config (defaults filled in) atomically; reloading it gives the same config."""
-    return atomic_write_text(path, dump_config(cfg))
+    """Write the resolved config (defaults filled in) atomically; reloading it gives the same config, less its
+    secrets: they are saved as null (a stage started from the saved file takes its key from the environment,
+    ``GEN_SERVER_API_KEY``, as the pipeline passes it)."""
+    return atomic_write_text(path, "# secrets (api_key) are not saved here: they come from GEN_SERVER_API_KEY\n"
+                             + yaml.safe_dump(redacted(cfg, None), sort_keys=False))
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, required: bool = False) -> None:

@@ -54,3 +54,28 @@ def test_saved_config_round_trips(tmp_path):
     out = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(out) == cfg
     assert isinstance(load_config(out), Config)
+
+
+def test_secrets_never_reach_a_saved_config_a_report_or_a_log(tmp_path, caplog):
+    import logging
+
+    from pipeline.run import _check_saved_config
+    from shared.config import dump_config
+    from shared.rundir import RunDir
+
+    key = "k3y-that-must-not-leak"
+    cfg = load_config(None, [f"server.api_key={key}", f"pairs.api_key={key}", f"run.root={tmp_path}", "run.name=x"])
+    out = save_config(cfg, tmp_path / "config.yaml")
+    assert key not in out.read_text() and key not in dump_config(cfg)
+    assert "<redacted>" in dump_config(cfg)
+    back = load_config(out)
+    assert back.server.api_key is None and back.pairs.api_key is None
+    assert back.model_copy(update={"server": cfg.server, "pairs": cfg.pairs}) == cfg  # all else round-trips
+
+    rd = RunDir.from_config(cfg)
+    _check_saved_config(rd, cfg)
+    changed = load_config(None, [f"server.api_key={key}-2", "server.port=9001", f"run.root={tmp_path}", "run.name=x"])
+    with caplog.at_level(logging.WARNING):
+        _check_saved_config(rd, changed)
+    assert "server.port" in caplog.text and key not in caplog.text  # a changed key is not a change worth a line
+    assert key not in rd.config_path.read_text()
