@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from shared.config import ConfigError, add_config_args, config_from_args
 from shared.log import setup_logging
@@ -43,6 +44,11 @@ def _compare(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _given(flag: Any, default: Any) -> Any:
+    """The flag's value when given (0 included: run_eval refuses it), else the config's."""
+    return default if flag is None else flag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or RunDir.from_config(cfg).round(args.round, create=False).eval
     settings = EvalSettings(prompt_style=args.prompt_style or ev.prompt_style,
-                            max_tokens=args.max_tokens or ev.max_tokens, temperature=ev.temperature)
+                            max_tokens=_given(args.max_tokens, ev.max_tokens), temperature=ev.temperature)
     try:
         scores = run_eval(
             base_url=args.server or cfg.server.base_url, model=args.model or cfg.server.served_model_name,
             api_key=args.api_key or os.environ.get("GEN_SERVER_API_KEY") or cfg.server.api_key,
-            suite=args.suite or ev.suite, out_dir=out, limit=args.limit or ev.limit, settings=settings,
-            template=load_template(cfg.model.template), concurrency=args.concurrency or ev.concurrency,
+            suite=args.suite or ev.suite, out_dir=out, limit=_given(args.limit, ev.limit), settings=settings,
+            template=load_template(cfg.model.template), concurrency=_given(args.concurrency, ev.concurrency),
             timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries,
-            prompts_per_request=args.prompts_per_request or ev.prompts_per_request,
+            prompts_per_request=_given(args.prompts_per_request, ev.prompts_per_request),
             heldout_types=ev.heldout_types, long_words=ev.long_answer_words,
         )
     except (EvalError, ServerUnavailable, PermissionError, ValueError, FileNotFoundError) as e:

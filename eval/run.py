@@ -112,7 +112,8 @@ class ResponseCache:
     def __init__(self, out_dir: Path, meta: dict[str, Any]) -> None:
         self.path = out_dir / "responses.jsonl"
         meta_path = out_dir / "cache.json"
-        if meta_path.exists():
+        has_responses = self.path.exists() and self.path.stat().st_size > 0
+        if meta_path.exists() and has_responses:
             old = json.loads(meta_path.read_text())
             diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             if diff:
@@ -121,7 +122,7 @@ class ResponseCache:
                     f"cached {[old.get(k) for k in diff]} vs now {[meta.get(k) for k in diff]}). "
                     f"Use another --out directory, or delete {out_dir} to start over."
                 )
-        else:
+        else:  # a new cache, or one an earlier eval made and then failed before any response: nothing to keep
             atomic_write_json(meta_path, meta)
         self.entries = {r["request_key"]: r for r in read_jsonl(self.path)}
         self._pending: list[dict[str, Any]] = []
@@ -227,8 +228,11 @@ def run_eval(
     from eval.report import degeneration_of, heldout_scores, write_report
     from shared.config import DEFAULT_HELDOUT_TYPES
 
-    if prompts_per_request < 1:
-        raise EvalError(f"prompts_per_request must be >= 1, got {prompts_per_request}")
+    for name_, value in (("prompts_per_request", prompts_per_request), ("concurrency", concurrency),
+                         ("max_tokens", settings.max_tokens), ("limit", limit)):
+        if value is not None and value < 1:
+            raise EvalError(f"{name_} must be >= 1, got {value}" + (" (leave it out for every prompt)"
+                                                                     if name_ == "limit" else ""))
     heldout_types = list(DEFAULT_HELDOUT_TYPES if heldout_types is None else heldout_types)
     unknown = [t for t in heldout_types if t not in ifeval.INSTRUCTION_IDS]
     if unknown:

@@ -185,6 +185,8 @@ def file_instructions(path: str | os.PathLike[str]) -> list[Instruction]:
         out.append(Instruction(id=iid, task=task, text=text, constraints=cons, source="file"))
     if problems:
         raise ValueError(f"{p}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    if not out:
+        raise ValueError(f"{p} holds no instructions: give one JSON object per line, with 'instruction' or 'task'")
     return out
 
 

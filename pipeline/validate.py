@@ -64,6 +64,12 @@ def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
     if cfg.server.backend == "vllm" and cfg.train.backend == "peft" and cfg.train.load_in_4bit is False:
         log.info("serving with vLLM but training 16-bit PEFT: fine, but check trainer.plan for memory")
     problems += _heldout_problems(cfg)
+    from pair_builder.settings import check_config as check_pairs_config
+
+    try:  # the pairs settings, files included, before any server starts
+        check_pairs_config(cfg)
+    except ConfigError as e:
+        problems += [p for p in e.problems if not p.startswith("pairs.servers")]
     tpl = load_template(cfg.model.template)
     if model_dir is not None:
         n = _template_tokens(model_dir, tpl.render("x " * 40))

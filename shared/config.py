@@ -394,6 +394,25 @@ def _format_validation_error(err: ValidationError) -> list[str]:
     return problems
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (``pairs:`` twice would silently drop the
+    first section's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"{key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): "
+                                    "the second would silently replace the first; merge them into one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: list[str] | None = None,
@@ -408,11 +427,17 @@ def load_config(
         if not p.is_file():
             raise ConfigError([f"file not found: {p} (pass an existing YAML file, e.g. configs/demo-cpu.yaml)"], source)
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except _DuplicateKey as e:
+            raise ConfigError([str(e)], source) from None
         except yaml.YAMLError as e:
             raise ConfigError([f"not valid YAML: {e}"], source) from None
+        except UnicodeDecodeError:
+            raise ConfigError(["not a text (UTF-8) file: pass a YAML config, e.g. configs/demo-cpu.yaml"],
+                              source) from None
         if loaded is None:
-            loaded = {}
+            raise ConfigError(["the file is empty (or only comments): add the sections to set, or leave out "
+                               "--config to run on the defaults"], source)
         if not isinstance(loaded, dict):
             raise ConfigError([f"top level must be a mapping of sections, got {type(loaded).__name__}"], source)
         data = loaded

@@ -79,3 +79,23 @@ def test_secrets_never_reach_a_saved_config_a_report_or_a_log(tmp_path, caplog):
         _check_saved_config(rd, changed)
     assert "server.port" in caplog.text and key not in caplog.text  # a changed key is not a change worth a line
     assert key not in rd.config_path.read_text()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "the file is empty"),
+    ("# only a comment\n", "the file is empty"),
+    ("pairs:\n  k: 2\neval:\n  limit: 3\npairs:\n  k: 4\n", r"'pairs' is given twice \(lines 1 and 5\)"),
+    ("pairs:\n  k: 2\n  k: 3\n", "'k' is given twice"),
+])
+def test_empty_and_duplicate_configs_are_refused(tmp_path, text, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(p)
+
+
+def test_a_binary_config_is_one_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"\xff\xfe\x00bin")
+    with pytest.raises(ConfigError, match="not a text"):
+        load_config(p)

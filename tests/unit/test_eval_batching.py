@@ -142,3 +142,24 @@ def test_base_answers_end_where_the_model_starts_another_turn(tmp_path, monkeypa
     assert row["response"] == "the capital of france is paris." and row["finish_reason"] == "stop"
     assert row["prompt_strict"]  # the run-on's capitalised "Question"/"What" would have failed lowercase
     assert scores["cut_at_new_turn"] == 1 and scores["truncated"] == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--limit", "0"), ("--concurrency", "0"), ("--max-tokens", "0"),
+                                        ("--prompts-per-request", "0"), ("--limit", "-3")])
+def test_cli_zero_or_negative_counts_are_refused_before_anything(tmp_path, capsys, flag, value):
+    from eval.__main__ import main
+
+    out = tmp_path / "out"
+    rc = main(["--server", "http://127.0.0.1:9", "--out", str(out), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"must be >= 1, got {value}" in err and "Traceback" not in err
+    assert not out.exists()  # nothing written: the corrected rerun into the same --out starts clean
+
+
+def test_a_cache_without_responses_takes_new_settings(tmp_path):
+    ResponseCache(tmp_path, {"max_tokens": 0})  # an eval that failed before its first response
+    cache = ResponseCache(tmp_path, {"max_tokens": 64})
+    cache.add({"request_key": "a", "response": "x"})
+    cache.flush()
+    with pytest.raises(EvalError, match="holds responses of another eval"):
+        ResponseCache(tmp_path, {"max_tokens": 128})

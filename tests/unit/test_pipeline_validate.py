@@ -18,3 +18,19 @@ def test_unknown_or_all_heldout_types_are_refused():
     cfg = load_config(None, [f"eval.heldout_types=[{', '.join(GENERATED_IDS)}]"])
     with pytest.raises(ConfigError, match="nothing left to train on"):
         validate_pipeline(cfg, None)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "holds no instructions"),
+    ("\n\n", "holds no instructions"),
+    ('{"instruction": ""}\n', "needs a non-empty 'instruction' or 'task'"),
+])
+def test_pair_inputs_are_checked_before_any_server_starts(tmp_path, content, match):
+    f = tmp_path / "ins.jsonl"
+    f.write_text(content)
+    cfg = load_config(None, ["pairs.sources=[file]", f"pairs.input_file={f}"])
+    with pytest.raises(ConfigError, match=match):
+        validate_pipeline(cfg, None)
+    cfg = load_config(None, [f"pairs.constitution={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="constitution"):
+        validate_pipeline(cfg, None)
