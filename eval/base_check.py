@@ -83,10 +83,14 @@ def file_evidence(model_dir: str | os.PathLike[str]) -> list[Evidence]:
     return ev
 
 
+HEALTH_TIMEOUT_S = 10.0
+
+
 def probe_evidence(base_url: str, api_key: str | None, model: str | None, model_dir: Path) -> list[Evidence]:
     """Behaviour: does it answer a chat-formatted instruction and stop, or continue raw text as a document?"""
-    from shared.client import make_client, served_models
+    from shared.client import make_client, served_models, wait_for_health
 
+    wait_for_health(base_url, timeout=HEALTH_TIMEOUT_S)  # a dead port is a one-line error, not a traceback
     model = model or served_models(base_url, api_key)[0]["id"]
     client = make_client(base_url, api_key, timeout=120, max_retries=2)
     ev: list[Evidence] = []
@@ -135,11 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", default=os.environ.get("GEN_SERVER_API_KEY"))
     ap.add_argument("--model", help="served model name (default: the first the server lists)")
     args = ap.parse_args(argv)
+    import openai
+
+    from shared.client import ServerUnavailable
+
     try:
         v, ev = check(args.model_dir, server=args.server, api_key=args.api_key, model=args.model)
     except (FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ServerUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except openai.APIError as e:
+        print(f"error: the server at {args.server} did not answer the probe ({e}); start one with "
+              f"`python -m gen_server --model {args.model_dir}`, or leave out --server for the file evidence only",
+              file=sys.stderr)
+        return 3
     for e in ev:
         print(f"  [{e.points_to:<8} {e.score:+d}] {e.reason}")
     print(f"verdict: {v}")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from eval import degeneration as dg
-from shared.atomic import atomic_write_text
+from shared.atomic import atomic_write_text, parse_jsonl_lines
 from shared.config import DEFAULT_HELDOUT_TYPES
 
 METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
@@ -329,14 +329,27 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: i
         p = Path(d) / "results.jsonl"
         if not p.exists():
             raise FileNotFoundError(f"{p} not found: run `python -m eval ... --out {d}` first")
-        return _per_prompt([json.loads(x) for x in p.read_text().splitlines() if x.strip()])
+        rows, problems = parse_jsonl_lines(p.read_text(encoding="utf-8", errors="replace"))
+        if problems:
+            raise ValueError(f"{p}: {len(problems)} bad line(s), e.g. {problems[0]}: not an eval's results "
+                             f"file; rerun `python -m eval ... --out {d}`")
+        need = ("key", "prompt_strict", "prompt_loose", "follow_strict", "follow_loose")
+        bad = next((n for n, r in rows if not isinstance(r, dict) or any(k not in r for k in need)), None)
+        if bad is not None:
+            raise ValueError(f"{p}: line {bad} lacks the eval result fields {list(need)}: not an eval's results "
+                             f"file; rerun `python -m eval ... --out {d}`")
+        return _per_prompt([r for _, r in rows])
 
     a, b = load(a_dir), load(b_dir)
     keys = sorted(set(a) & set(b))
     if not keys:
         raise ValueError(f"{a_dir} and {b_dir} share no prompts: compare evals of the same suite")
     a_scores = Path(a_dir) / "scores.json"
-    rec_types, rec_long = _recorded_settings(json.loads(a_scores.read_text()) if a_scores.exists() else {})
+    try:
+        recorded = json.loads(a_scores.read_text()) if a_scores.exists() else {}
+    except ValueError:
+        raise ValueError(f"{a_scores} is not valid JSON: rerun `python -m eval ... --out {a_dir}`") from None
+    rec_types, rec_long = _recorded_settings(recorded)
     heldout_types = rec_types if heldout_types is None else heldout_types
     long_words = rec_long if long_words is None else long_words
     idx = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))

@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from gen_server.models import KNOWN_MODELS, ModelPrepareError, UnknownModelError, resolve_model
+from gen_server.models import KNOWN_MODELS, ModelPrepareError, UnknownModelError, check_model_dir, resolve_model
 from shared.log import setup_logging
 
 log = logging.getLogger("gen_server")
@@ -170,14 +170,14 @@ def choose_backend() -> tuple[str, str]:
     return "vllm", "a CUDA GPU is visible and vllm is installed"
 
 
-def _model_dir(model: str) -> Path:
-    """Resolve --model to a dir with config.json; UnknownModelError says what to pass instead."""
+def _model_dir(model: str, max_model_len: int | None = None, passthrough: list[str] = ()) -> Path:
+    """Resolve --model to a loadable model dir; UnknownModelError says what is wrong and what to pass instead."""
     model_dir = resolve_model(model)
-    if not (model_dir / "config.json").is_file():
-        raise UnknownModelError(
-            f"{model_dir} has no config.json; pass a Hugging Face model directory "
-            f"(what save_pretrained writes) or a packaged model name: {', '.join(KNOWN_MODELS)}"
-        )
+    args = list(passthrough)
+    dummy = "--load-format=dummy" in args or any(a == "--load-format" and b == "dummy" for a, b in zip(args, args[1:]))
+    problems = check_model_dir(model_dir, max_model_len=max_model_len, need_weights=not dummy)
+    if problems:
+        raise UnknownModelError("; ".join(problems))
     return model_dir
 
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("\n  ".join(["invalid arguments:", *problems]))
 
     try:
-        model_dir = _model_dir(args.model)
+        model_dir = _model_dir(args.model, args.max_model_len, passthrough)
     except UnknownModelError as e:
         log.error("%s", e)
         return 2

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -453,6 +454,58 @@ def resolve_model(name_or_dir: str | os.PathLike[str], cache_dir: str | os.PathL
         f"{str(name_or_dir)!r} is neither an existing model directory nor a packaged model name. "
         f"Pass a Hugging Face model directory (with config.json), or one of the packaged models: {_known_names()}"
     )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+                   "tokenizer.tiktoken")
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_model_dir(model_dir: str | os.PathLike[str], *, max_model_len: int | None = None,
+                    need_weights: bool = True) -> list[str]:
+    """What keeps ``model_dir`` from loading, one line each (empty: it looks loadable): ``config.json`` missing
+    or not JSON, no weights (``need_weights``: vLLM's ``--load-format dummy`` needs none), an index naming
+    missing shards, no tokenizer files, or ``max_model_len`` beyond the model's positions. Read from the files
+    only: nothing is loaded, so it runs before a server spends minutes loading."""
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        return [f"{d} has no config.json: pass a Hugging Face model directory (what save_pretrained writes) or a "
+                f"packaged model name: {', '.join(KNOWN_MODELS)}"]
+    problems = []
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        return [f"{cfg_path} is not valid JSON ({e}): the download or export was cut short; fetch or save the "
+                "model again"]
+    if need_weights:
+        index = next((p for p in (d / "model.safetensors.index.json", d / "pytorch_model.bin.index.json")
+                      if p.is_file()), None)
+        if index is not None:
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                shards = set()
+                problems.append(f"{index} is not a valid weight index ({e}): save the model again")
+            missing = sorted(x for x in shards if not (d / x).is_file())
+            if missing:
+                problems.append(f"{d}: {len(missing)} weight shard(s) named in {index.name} are missing (e.g. "
+                                f"{missing[0]}): the download is incomplete; fetch the model again")
+        elif not any(d.glob("*.safetensors")) and not any(d.glob("pytorch_model*.bin")):
+            problems.append(f"{d} has no weights (*.safetensors or pytorch_model*.bin): save the model with "
+                            "save_pretrained, or copy its weight files in")
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
+        problems.append(f"{d} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): copy them from the "
+                        "model's release, or save the tokenizer beside the model (tokenizer.save_pretrained)")
+    if max_model_len is not None:
+        text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        limit = next((text_cfg[k] for k in _POSITION_KEYS if isinstance(text_cfg.get(k), int)), None)
+        if limit is not None and max_model_len > limit:
+            problems.append(f"max_model_len={max_model_len} exceeds the model's {limit} positions "
+                            f"({cfg_path.name}): use at most {limit}")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 from gen_server.process import ServerProcess
 from pipeline.state import RunState
-from shared.config import Config, load_config, redacted
+from shared.config import Config, ConfigError, load_config, redacted
 from shared.ledger import CostLedger
 from shared.rundir import RunDir
 
@@ -288,7 +288,16 @@ def run(cfg: Config) -> int:
     from pipeline.validate import validate_pipeline
 
     rd = RunDir.from_config(cfg)
-    base_dir = model_of_round(cfg, rd, 0)
+    try:
+        rd.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError([f"run.root / run.name: cannot make the run directory {rd.path}: {e.strerror} (a file "
+                           "where a directory should be, or no permission?): choose another run.root"],
+                          "pipeline config") from None
+    try:
+        base_dir = model_of_round(cfg, rd, 0)
+    except (OSError, ValueError) as e:  # UnknownModelError, a packaged model that cannot be prepared
+        raise ConfigError([f"model.base: {e}"], "pipeline config") from None
     validate_pipeline(cfg, base_dir)
     _check_saved_config(rd, cfg)
     cfg_path = rd.config_path

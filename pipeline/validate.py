@@ -70,8 +70,17 @@ def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
         check_pairs_config(cfg)
     except ConfigError as e:
         problems += [p for p in e.problems if not p.startswith("pairs.servers")]
-    tpl = load_template(cfg.model.template)
+    try:
+        tpl = load_template(cfg.model.template)
+    except (OSError, ValueError) as e:
+        raise ConfigError(list(dict.fromkeys([*problems, f"model.template: {e}"])), "pipeline config") from None
     if model_dir is not None:
+        from gen_server.models import check_model_dir
+
+        dummy = "--load-format=dummy" in cfg.server.extra_args or "dummy" in cfg.server.extra_args
+        bad = check_model_dir(model_dir, max_model_len=cfg.server.max_model_len, need_weights=not dummy)
+        if bad:  # before any server starts: the rest of the checks read this dir too
+            raise ConfigError(list(dict.fromkeys([*problems, *(f"model.base: {b}" for b in bad)])), "pipeline config")
         n = _template_tokens(model_dir, tpl.render("x " * 40))
         if n is not None:
             need_pairs = n + cfg.pairs.max_tokens
@@ -85,4 +94,4 @@ def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
                         problems.append(f"server.max_model_len={cfg.server.max_model_len} < template (~{n} tokens) + "
                                         f"{name}={mt}: raise server.max_model_len or lower {name}")
     if problems:
-        raise ConfigError(problems, "pipeline config")
+        raise ConfigError(list(dict.fromkeys(problems)), "pipeline config")  # a problem two checks found: once

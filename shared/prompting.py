@@ -156,6 +156,11 @@ def load_template(path: str | os.PathLike[str] | None = None) -> BaseTemplate:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"prompt template not found: {p} (see constitution/base_template.yaml)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"{p}: not a valid YAML prompt template{at} ({getattr(e, 'problem', None) or e}); "
+                         "see constitution/base_template.yaml for the format") from None
     try:
         return BaseTemplate.model_validate(data)
     except ValidationError as e:

@@ -48,3 +48,13 @@ def test_verdicts_from_real_model_files(tmp_path, name, capsys):
 def test_not_a_model_dir(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_a_dead_server_is_one_line(tmp_path, capsys):
+    from eval.base_check import main
+    from gen_server.process import free_port
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert main([str(tmp_path), "--server", f"http://127.0.0.1:{free_port()}"]) == 3
+    err = capsys.readouterr().err
+    assert "no healthy generation server" in err and "Traceback" not in err

@@ -1,4 +1,7 @@
 import json
+import re
+
+import pytest
 
 from eval.report import compare, write_report
 
@@ -57,3 +60,19 @@ def test_suites_load_and_limit():
     assert name == "ifeval" and len(items) == 5 and all(it["key"] for it in items)
     name, items = load_suite("own")
     assert name == "own" and len(items) >= 20
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"key": 1}\nnot json\n', r"results.jsonl: 1 bad line\(s\), e.g. line 2"),
+    ('{"key": 1}\n', "line 1 lacks the eval result fields"),
+    ('[1, 2]\n', "line 1 lacks the eval result fields"),
+])
+def test_compare_names_a_corrupt_results_file(tmp_path, capsys, content, match):
+    from eval.__main__ import main
+
+    d = tmp_path / "ev"
+    d.mkdir()
+    (d / "results.jsonl").write_text(content)
+    assert main(["compare", str(d), str(d)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and str(d) in err and "Traceback" not in err
