@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
 import logging
 import os
 import sys
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("GEN_SERVER_API_KEY"),
         help="require this bearer key on /v1 (default: $GEN_SERVER_API_KEY; none if unset)",
     )
+    ap.add_argument("--allow-insecure", action="store_true",
+                    help="serve a non-loopback --host without an API key (anyone who reaches the port can use it)")
     ap.add_argument(
         "--served-model-name", default=None, help="model id in the API (default: the packaged name, or the model path)"
     )
@@ -122,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def is_loopback(host: str) -> bool:
+    """``host`` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: may resolve to anything
+
+
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
     return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
 
@@ -137,6 +150,9 @@ def _validate(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
         problems.append(f"--port must be in 1..65535, got {args.port}")
     if not args.host:
         problems.append("--host must not be empty")
+    elif not args.api_key and not args.allow_insecure and not is_loopback(args.host):
+        problems.append(f"--host {args.host} serves other machines, and no API key is set: anyone who reaches the "
+                        "port could use the server. Set GEN_SERVER_API_KEY (or --api-key), or pass --allow-insecure")
     if args.max_model_len is not None and args.max_model_len < 1:
         problems.append(f"--max-model-len must be positive, got {args.max_model_len}")
     if args.max_batch_size is not None and args.max_batch_size < 1:

@@ -29,7 +29,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from pair_builder.actors import Job, run_jobs, start_workers
+from pair_builder.actors import Job, init_ray, run_jobs, start_workers
 from pair_builder.build import BuildSettings, item_id, principle_for
 from pair_builder.extras import extras_summary, select_extras, write_extras
 from pair_builder.report import write_report
@@ -194,7 +194,7 @@ def run(cfg: Config) -> int:
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=p.ray_address, log_to_driver=True, logging_level=logging.WARNING)
+        init_ray(p.ray_address)
     ledger = CostLedger(rd.ledger, cfg.cost.gpu_usd_per_hour)
     failures = 0
     try:

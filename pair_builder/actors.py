@@ -11,9 +11,11 @@ the driver (the only writer) drops a result whose id is already done.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -27,6 +29,27 @@ from shared.client import make_client
 from shared.prompting import BaseTemplate
 
 log = logging.getLogger(__name__)
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def init_ray(address: str | None) -> None:
+    """Join the Ray cluster at ``address``, or start a local one that lets nobody in.
+
+    A local Ray listens on every interface (Ray 2.60's GCS, raylet and workers bind all of them; nothing
+    narrows that), so what keeps others out is Ray's token authentication: every connection must present the
+    token in ``~/.ray/auth_token`` (Ray writes it world-readable; made owner-only here). Ray enables it by default
+    for a local cluster; this makes it explicit, and says so when a user's ``RAY_AUTH_MODE`` turned it off."""
+    if address is None:
+        mode = os.environ.setdefault(AUTH_MODE_ENV, "token")
+        if mode.lower() != "token":
+            log.warning("%s=%s: the local Ray cluster pair_builder starts accepts anyone who can reach this "
+                        "machine; unset it to require Ray's token", AUTH_MODE_ENV, mode)
+    ray.init(address=address, include_dashboard=False if address is None else None, log_to_driver=True,
+             logging_level=logging.WARNING)
+    token = Path.home() / ".ray" / "auth_token"
+    if address is None and token.is_file() and token.stat().st_uid == os.getuid():
+        token.chmod(0o600)
 
 
 class PairWorker:

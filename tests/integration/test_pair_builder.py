@@ -264,3 +264,23 @@ def test_self_instruct_requests_go_through_the_workers(server, assets, tmp_path,
     tasks = _self_instruct(cfg, workers, usage)
     assert usage["requests"] >= 1 and usage["completion_tokens"] > 0
     assert isinstance(tasks, list) and len(tasks) <= 4  # random text mostly fails the task filter
+
+
+def test_the_local_ray_it_starts_refuses_a_wrong_token():
+    from pair_builder.actors import init_ray
+
+    assert not ray.is_initialized()
+    init_ray(None)
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+        token = (Path.home() / ".ray" / "auth_token")
+        assert oct(token.stat().st_mode & 0o777) == "0o600"
+        code = "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); print('CONNECTED')"
+        results = {}
+        for name, value in (("wrong", "0" * 32), ("right", token.read_text().strip())):
+            env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": value}
+            r = subprocess.run([sys.executable, "-c", code, gcs], env=env, capture_output=True, text=True, timeout=180)
+            results[name] = (r.returncode, "CONNECTED" in r.stdout)
+        assert results == {"wrong": (1, False), "right": (0, True)}, results
+    finally:
+        ray.shutdown()

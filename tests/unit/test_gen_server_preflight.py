@@ -1,5 +1,5 @@
-"""A model dir that cannot load is one line naming the problem, from gen_server and from the pipeline, before any
-model loads."""
+"""Checked before a model loads: a model dir that cannot load is one line naming the problem (from gen_server and
+the pipeline), and a bind other machines can reach needs an API key."""
 
 import json
 import shutil
@@ -66,3 +66,24 @@ def test_max_model_len_past_the_model_is_refused_before_loading(tiny_model_dir, 
     assert gen_server_main(["--model", str(tiny_model_dir), "--port", "18999", "--backend", "embedded",
                             "--max-model-len", "999999"]) == 2
     assert "max_model_len=999999 exceeds the model's 2048 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host,key,insecure,refused", [
+    ("0.0.0.0", None, False, True), ("10.1.2.3", None, False, True), ("myhost.example", None, False, True),
+    ("0.0.0.0", "k", False, False), ("0.0.0.0", None, True, False),
+    ("127.0.0.1", None, False, False), ("localhost", None, False, False), ("::1", None, False, False),
+])
+def test_a_public_bind_needs_a_key_or_allow_insecure(tiny_model_dir, capsys, monkeypatch, host, key, insecure,
+                                                     refused):
+    from gen_server.__main__ import _validate, build_parser
+
+    monkeypatch.delenv("GEN_SERVER_API_KEY", raising=False)
+    argv = ["--model", str(tiny_model_dir), "--host", host, *(["--api-key", key] if key else []),
+            *(["--allow-insecure"] if insecure else [])]
+    problems = _validate(build_parser().parse_args(argv), [])
+    assert bool(problems) is refused
+    if refused:
+        assert "Set GEN_SERVER_API_KEY (or --api-key), or pass --allow-insecure" in problems[0]
+        with pytest.raises(SystemExit) as e:
+            gen_server_main([*argv, "--port", "18999"])
+        assert e.value.code == 2 and "allow-insecure" in capsys.readouterr().err
