@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -22,17 +21,11 @@ from types import TracebackType
 from typing import Any
 
 from shared.client import ServerUnavailable, wait_for_health
+from shared.procs import die_with_parent, stop_group
 
 log = logging.getLogger(__name__)
 
-
-def _die_with_parent() -> None:
-    """In the child, before exec (Linux): SIGTERM this server when the process that started it dies, however it
-    dies. A pipeline killed mid-phase (SIGKILL, os._exit, OOM) runs no ``finally``; its server must not outlive it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+STOP_GRACE_S = 45.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -123,7 +116,7 @@ class ServerProcess:
         log.info("starting gen_server (%s) on %s, log: %s", self.backend, self.base_url, self.log_path)
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=die_with_parent)
         try:
             self._wait_healthy()
         except BaseException:
@@ -150,19 +143,12 @@ class ServerProcess:
                         f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
                     ) from None
 
-    def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM the server's process group, SIGKILL after ``grace`` seconds."""
-        if self.proc is None or self.proc.poll() is not None:
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """SIGTERM the server's process group, SIGKILL it after ``grace`` seconds (longer than the vLLM
+        backend's own 30 s grace for vLLM, which runs in a session of its own and dies with gen_server)."""
+        if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            log.warning("gen_server did not stop within %.0fs; killing it", grace)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
+        stop_group(self.proc, grace, "gen_server")
 
     def __enter__(self) -> ServerProcess:
         return self.start()

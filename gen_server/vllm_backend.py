@@ -32,6 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from shared.procs import die_with_parent
+
 log = logging.getLogger(__name__)
 
 # From GPU.md: flashinfer is not in the tested wheel set, and the engine fails to start unless its
@@ -224,7 +226,8 @@ def run_vllm(
         # Own session: a Ctrl-C in the terminal reaches vLLM once (through us), not twice, and
         # a SIGKILL of its process group takes its engine workers with it.
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=vllm_env(os.environ), start_new_session=True
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=vllm_env(os.environ), start_new_session=True,
+            preexec_fn=die_with_parent,  # gen_server SIGKILLed: vLLM (in its own session) must not hold the GPU
         )
         try:
             assert proc.stdout is not None  # stdout=PIPE

@@ -39,9 +39,10 @@ def init_ray(address: str | None) -> None:
     A local Ray listens on every interface (Ray 2.60's GCS, raylet and workers bind all of them; nothing
     narrows that), so what keeps others out is Ray's token authentication: every connection must present the
     token in ``~/.ray/auth_token`` (Ray writes it world-readable; made owner-only here). Ray enables it by default
-    for a local cluster; this makes it explicit, and says so when a user's ``RAY_AUTH_MODE`` turned it off."""
+    for a local cluster; this relies on that, and says so when a user's ``RAY_AUTH_MODE`` turned it off."""
     if address is None:
-        mode = os.environ.setdefault(AUTH_MODE_ENV, "token")
+        # Unset is Ray's default, token; setting it here instead would leave Ray's already-loaded config behind
+        mode = os.environ.get(AUTH_MODE_ENV, "token")
         if mode.lower() != "token":
             log.warning("%s=%s: the local Ray cluster pair_builder starts accepts anyone who can reach this "
                         "machine; unset it to require Ray's token", AUTH_MODE_ENV, mode)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from shared.config import ConfigError, add_config_args, config_from_args
 from shared.log import setup_logging
 
 log = logging.getLogger("pipeline")
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(rep, required=True)
     args = ap.parse_args(argv)
     setup_logging()
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: the running stage and the server are stopped by
+    # their `finally`s, finished steps are kept, and `pipeline run` resumes.
+    signal.signal(signal.SIGTERM, _terminated)
 
     from pipeline.run import PipelineError, run, status
 

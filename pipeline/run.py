@@ -28,6 +28,7 @@ from gen_server.process import ServerProcess
 from pipeline.state import RunState
 from shared.config import Config, ConfigError, load_config, redacted
 from shared.ledger import CostLedger
+from shared.procs import die_with_parent, kill_leftovers, stop_group
 from shared.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,24 @@ def _spent(rd: RunDir) -> float:
     return sum(CostLedger(rd.round(k, create=False).ledger).total_usd() for k in rd.rounds())
 
 
+STAGE_STOP_GRACE_S = 30.0  # a trainer saving its last checkpoint, pair_builder flushing its shard
+
+
 def _stage(cmd: list[str], step: str, env: dict[str, str] | None = None) -> None:
+    """Run one stage as a child in a process group of its own, and leave nothing of it behind: stopped (group
+    SIGTERM, then SIGKILL) when the pipeline is interrupted or fails, SIGTERMed by the kernel when the pipeline
+    dies outright, and its group's leftovers (Ray agents of a driver that died) killed when it ends."""
     log.info("[%s] %s", step, " ".join(cmd))
-    rc = subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
+                            preexec_fn=die_with_parent)
+    try:
+        rc = proc.wait()
+    except BaseException:
+        log.warning("[%s] interrupted: stopping it", step)
+        stop_group(proc, STAGE_STOP_GRACE_S, step)
+        raise
+    if kill_leftovers(proc.pid):
+        log.warning("[%s] left processes behind in its group; killed them", step)
     if rc != 0:
         raise PipelineError(f"step {step} failed with exit code {rc} (its output is above). Fix the cause and run "
                             f"`python -m pipeline run` again: finished steps are kept and this one resumes.")

@@ -102,7 +102,10 @@ def fake_vllm(root: Path, api_server_source: str) -> Path:
 def model_dir(tmp_path) -> Path:
     d = tmp_path / "model"
     d.mkdir()
-    (d / "config.json").write_text("{}")  # the launcher only checks it is a model dir; vLLM is fake
+    # the launcher checks the files a model dir needs are there (not their contents); vLLM is fake
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"")
+    (d / "tokenizer.json").write_text("{}")
     return d
 
 

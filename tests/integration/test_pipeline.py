@@ -146,3 +146,67 @@ def test_demo_config_end_to_end_with_small_numbers(tmp_path):
     else:
         assert state["stopped"]["reason"].startswith("no pairs kept")
     assert (run / "report.html").exists()
+
+
+def _pids_with(marker: bytes) -> dict[int, int]:
+    """pid -> process group of every process whose command line holds ``marker``."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read()
+            if marker in cmd:
+                out[int(d)] = os.getpgid(int(d))
+        except (OSError, ProcessLookupError):
+            continue
+    return out
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.getpgid(int(d)) == pgid:
+                    members.append(int(d))
+            except (OSError, ProcessLookupError):
+                pass
+    return members
+
+
+def test_sigterm_mid_pairs_leaves_nothing_running_and_the_rerun_finishes(tiny_config, tiny_model_dir):
+    """SIGTERM to `pipeline run` while pair_builder (with its own local Ray) runs: the pipeline exits 143, and
+    neither its server nor anything of the pair_builder stage's process group (Ray's agents included) is left."""
+    import signal
+
+    cfg, run = tiny_config
+    before = _servers(tiny_model_dir)
+    env = {**os.environ}
+    env.pop("SELFALIGN_PIPELINE_CRASH_AFTER", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--config", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, stage = time.monotonic() + 600, {}
+        while not stage and time.monotonic() < deadline and proc.poll() is None:
+            stage = {pid: g for pid, g in _pids_with(b"pair_builder").items() if pid != os.getpid()}
+            time.sleep(0.5)
+        assert stage, "pair_builder never started: " + (proc.stderr.read()[-2000:] if proc.poll() is not None else "")
+        time.sleep(8)  # its local Ray is up (agents started) by now, or nearly
+        groups = set(stage.values())
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 143, err[-3000:]
+    assert "interrupted: stopping it" in err
+    assert not _no_new_servers(before, tiny_model_dir)
+    deadline = time.monotonic() + 15
+    while (left := [p for g in groups for p in _group_members(g)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the pairs stage outlived the pipeline: {left}"
+    r = _pipeline("run", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "state.json").read_text())["stopped"] is not None
