@@ -35,7 +35,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 MODEL = "sim"
 ROOT = "/sim/model"  # pair_builder uses /v1/models' root as the model revision
@@ -124,10 +124,16 @@ class Stats:
         self.last_end = end if self.last_end is None else max(self.last_end, end)
 
 
+FAULTS = ("stall", "error", "garbage")
+
+
 def create_app(*, tokens_per_s: float, latency_ms: float, max_concurrency: int,
-               log_requests: Path | None = None) -> FastAPI:
+               log_requests: Path | None = None, fault: str | None = None, fault_after: int = 0) -> FastAPI:
+    """``fault`` (for fault-injection tests): after ``fault_after`` completion requests, every further one
+    ``stall``s (never answers), answers HTTP 500 (``error``), or answers 200 with a body that is not JSON
+    (``garbage``). /health and /v1/models keep answering."""
     app = FastAPI()
-    state: dict[str, Any] = {"slots": None, "stats": Stats()}  # Slots binds to the running loop: made lazily
+    state: dict[str, Any] = {"slots": None, "stats": Stats(), "seen": 0}  # Slots binds to the loop: made lazily
     if log_requests is not None:
         log_requests.write_text("")
 
@@ -151,9 +157,16 @@ def create_app(*, tokens_per_s: float, latency_ms: float, max_concurrency: int,
         return {"status": "ok"}
 
     @app.post("/v1/completions")
-    async def completions(request: Request) -> JSONResponse:
+    async def completions(request: Request) -> Response:
         start = time.time()
         body = await request.json()
+        state["seen"] += 1
+        if fault is not None and state["seen"] > fault_after:
+            if fault == "stall":
+                await asyncio.sleep(3600)
+            if fault == "error":
+                return JSONResponse({"error": {"message": "injected fault"}}, status_code=500)
+            return Response("this is not JSON", media_type="application/json")
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
         n = int(body.get("n") or 1)
         max_tokens = 16 if body.get("max_tokens") is None else int(body["max_tokens"])  # OpenAI's default
@@ -201,9 +214,11 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=20.0, help="fixed cost per request (prefill, scheduling)")
     ap.add_argument("--max-concurrency", type=int, default=64, help="sequence slots decoded at once")
     ap.add_argument("--log-requests", type=Path, default=None, help="append counted request bodies here (JSONL)")
+    ap.add_argument("--fault", choices=FAULTS, default=None, help="fault injection (see create_app)")
+    ap.add_argument("--fault-after", type=int, default=0, help="completion requests answered before the fault")
     a = ap.parse_args()
     app = create_app(tokens_per_s=a.tokens_per_s, latency_ms=a.latency_ms, max_concurrency=a.max_concurrency,
-                     log_requests=a.log_requests)
+                     log_requests=a.log_requests, fault=a.fault, fault_after=a.fault_after)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False)
 
 

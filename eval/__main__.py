@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             api_key=args.api_key or os.environ.get("GEN_SERVER_API_KEY") or cfg.server.api_key,
             suite=args.suite or ev.suite, out_dir=out, limit=_given(args.limit, ev.limit), settings=settings,
             template=load_template(cfg.model.template), concurrency=_given(args.concurrency, ev.concurrency),
-            timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries,
+            timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries, stall_timeout=cfg.client.stall_timeout_s,
             prompts_per_request=_given(args.prompts_per_request, ev.prompts_per_request),
             heldout_types=ev.heldout_types, long_words=ev.long_answer_words,
         )

@@ -17,6 +17,7 @@ n_prompts, per-instruction breakdown, a ``degeneration`` block - truncation, loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -147,6 +148,7 @@ class ResponseCache:
 async def _fetch_all(
     items: list[dict[str, Any]], reqs: list[dict[str, Any]], cache: ResponseCache, *, base_url: str,
     api_key: str | None, concurrency: int, timeout: float, max_retries: int, prompts_per_request: int = 8,
+    stall_timeout: float = 600.0,
 ) -> None:
     """Ask the server for every uncached request. Completions whose bodies differ only in ``prompt`` share one
     request of up to ``prompts_per_request`` prompts (``prompt=[...]``; choice i answers prompt i); chat goes one
@@ -186,6 +188,10 @@ async def _fetch_all(
             what = f"prompt {item['key']!r}" if n == 1 else f"a request of {n} prompts (the first {item['key']!r})"
             raise EvalError(f"the server rejected {what}: {e.message}. Lower --max-tokens, or serve with a longer "
                             f"--max-model-len{'' if n == 1 else ', or pass --prompts-per-request 1'}.") from None
+        except (openai.APIError, ValueError) as e:  # retries spent (connection, timeout, 5xx), or not an answer
+            raise EvalError(f"the server at {base_url} failed after {max_retries} retries ({type(e).__name__}: "
+                            f"{str(e)[:200]}); the {len(cache.entries)} responses so far are kept: rerun to go on "
+                            f"(client.timeout_s={timeout:g}, client.max_retries={max_retries})") from None
         finally:
             for _ in batch:
                 slots.release()
@@ -202,11 +208,32 @@ async def _fetch_all(
             "prompt_tokens": (u.prompt_tokens if i == 0 else 0) if u else None,
             "completion_tokens": (u.completion_tokens if i == 0 else 0) if u else None,
         } for i, ((it, r), (text, finish)) in enumerate(zip(batch, outs))))
+        progress["at"] = time.monotonic()
         bar.update(n)
 
+    progress = {"at": time.monotonic()}
+
+    async def watchdog() -> None:
+        while True:
+            await asyncio.sleep(min(5.0, stall_timeout / 4))
+            if time.monotonic() - progress["at"] > stall_timeout:
+                raise EvalError(f"no response from the server at {base_url} for {stall_timeout:g} s while requests "
+                                f"were in flight: it is stalled or dead (see its log). The {len(cache.entries)} "
+                                f"responses so far are kept: rerun to go on; raise client.stall_timeout_s if its "
+                                f"answers really take that long")
+
+    work = asyncio.ensure_future(asyncio.gather(*(one(b) for b in batches)))
+    guard = asyncio.ensure_future(watchdog())
     try:
-        await asyncio.gather(*(one(b) for b in batches))
+        await asyncio.wait({work, guard}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            guard.result()  # raises the stall error
+        work.result()
     finally:
+        guard.cancel()
         cache.flush()
         bar.close()
         await client.close()
@@ -217,6 +244,7 @@ def run_eval(
     limit: int | None = None, settings: EvalSettings = EvalSettings(), template: BaseTemplate | None = None,
     concurrency: int = 16, timeout: float = 600.0, max_retries: int = 6, health_timeout: float = 30.0,
     prompts_per_request: int = 8, heldout_types: Sequence[str] | None = None, long_words: int = 300,
+    stall_timeout: float = 600.0,
 ) -> dict[str, Any]:
     """Generate (or reuse cached) responses for a suite, score them, write scores/results/report.
 
@@ -258,7 +286,8 @@ def run_eval(
         reqs.append(req)
     t0 = time.perf_counter()
     asyncio.run(_fetch_all(items, reqs, cache, base_url=base_url, api_key=api_key, concurrency=concurrency,
-                           timeout=timeout, max_retries=max_retries, prompts_per_request=prompts_per_request))
+                           timeout=timeout, max_retries=max_retries, prompts_per_request=prompts_per_request,
+                           stall_timeout=stall_timeout))
     gen_wall = time.perf_counter() - t0
     results = []
     for it, req in zip(items, reqs):

@@ -234,7 +234,8 @@ def run(cfg: Config) -> int:
 
             try:
                 failures = run_jobs(workers, jobs, in_flight=p.in_flight_per_server, on_result=on_result,
-                                    should_stop=should_stop)
+                                    should_stop=should_stop, stall_timeout=cfg.client.stall_timeout_s,
+                                    servers=", ".join(checked.servers))
             finally:
                 writer.flush()
                 progress.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pair_builder.build import BuildSettings, build_item, example_index
 from pair_builder.constitution import Constitution
 from pair_builder.sample import Usage
 from pair_builder.sources import Instruction, request_tasks
-from shared.client import make_client
+from shared.client import ServerUnavailable, make_client
 from shared.prompting import BaseTemplate
 
 log = logging.getLogger(__name__)
@@ -98,17 +99,24 @@ class Job:
     key: str  # names the work in errors and failed results
 
 
+class Stalled(ServerUnavailable):
+    """No job finished for ``stall_timeout`` seconds while jobs were in flight."""
+
+
 def run_jobs(workers: list[Any], jobs: Iterable[Job], *, in_flight: int, on_result: Callable[[Job, Any], None],
-             should_stop: Callable[[], bool] = lambda: False) -> int:
+             should_stop: Callable[[], bool] = lambda: False, stall_timeout: float | None = None,
+             servers: str = "the servers") -> int:
     """Run jobs over workers, at most ``in_flight`` per worker, least-loaded first; returns failures.
 
     A job whose worker died past its restarts is reported to ``on_result`` as ``{"error": ...}``; its item
-    is not done, so the next submission redoes it.
+    is not done, so the next submission redoes it. When no job finishes for ``stall_timeout`` seconds,
+    :class:`Stalled` is raised (finished items are kept; a resubmission goes on).
     """
     queue = deque(jobs)
     load = [0] * len(workers)
     pending: dict[Any, tuple[int, Job]] = {}
     failures = 0
+    last = time.monotonic()
     while queue or pending:
         while queue and not should_stop() and min(load) < in_flight:
             w = min(range(len(workers)), key=load.__getitem__)
@@ -118,6 +126,12 @@ def run_jobs(workers: list[Any], jobs: Iterable[Job], *, in_flight: int, on_resu
         if not pending:
             break
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        if ready:
+            last = time.monotonic()
+        elif stall_timeout is not None and time.monotonic() - last > stall_timeout:
+            raise Stalled(f"no item finished for {stall_timeout:g} s with {len(pending)} in flight: {servers} "
+                          f"stalled or died (see the server log). Finished items are kept: resubmit to go on; raise "
+                          f"client.stall_timeout_s if single items really take that long")
         for ref in ready:
             w, job = pending.pop(ref)
             load[w] -= 1

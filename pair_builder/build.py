@@ -106,11 +106,16 @@ def build_item(client: Any, instruction: Instruction, principle: Principle, *, s
         # Deterministic (e.g. prompt + max_tokens over the context length): retrying cannot help, so it is a drop.
         log.warning("item %s: server rejected a request: %s", iid, e)
         result.update(kept=False, reason="bad_request", record=None, bad_request=str(e)[:300])
-    except (openai.APIError, ValueError) as e:
+    except openai.APIError as e:
         # Transient after the client's retries (connection, timeout, 5xx): not marked done, so a resubmitted
         # job retries the item.
         log.warning("item %s failed: %s", iid, e)
         result.update(kept=False, reason="request_error", record=None, error=f"{type(e).__name__}: {e}")
+    except ValueError as e:
+        # An answer that cannot be used (no echo log-probs, a response with no tokens): asking again gets the
+        # same answer, so it is a counted drop, not an item every resubmission retries.
+        log.warning("item %s: unusable answer: %s", iid, e)
+        result.update(kept=False, reason="invalid_response", record=None, invalid_response=str(e)[:300])
     result["usage"] = vars(usage)
     return result
 

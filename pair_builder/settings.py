@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import openai
+
 from pair_builder.constitution import Constitution, ConstitutionError, load_constitution
 from pair_builder.sources import file_instructions
 from shared.client import ServerUnavailable, make_client, served_models, wait_for_health
@@ -124,9 +126,13 @@ def connect(urls: list[str], api_key: str | None, *, model: str | None, revision
     name, root = next(iter(found.values()))
     if probe_logprobs:
         for url in urls:
-            resp = make_client(url, api_key, timeout=60, max_retries=2).completions.create(
-                model=name, prompt="Hello world", max_tokens=0, echo=True, logprobs=1)
-            lp = resp.choices[0].logprobs
+            try:
+                resp = make_client(url, api_key, timeout=60, max_retries=2).completions.create(
+                    model=name, prompt="Hello world", max_tokens=0, echo=True, logprobs=1)
+            except openai.APIError as e:
+                raise ServerUnavailable(f"{url} answers /health but not a completion request ({type(e).__name__}: "
+                                        f"{str(e)[:200]}): it is stalled or failing; see its log") from None
+            lp = resp.choices[0].logprobs if resp.choices else None
             if lp is None or not lp.token_logprobs or not lp.text_offset:
                 raise ServerUnavailable(f"{url} does not return echo log-probs (needed for pairs.ref_logprobs and "
                                         f"pairs.min_pmi); serve with gen_server (embedded or vLLM) or set "

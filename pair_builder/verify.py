@@ -47,7 +47,7 @@ PairRule = Literal["dominance", "count"]
 CANDIDATE_PROBLEMS = ("empty", "truncated", "query_echo", "preamble", "critique_leak", "copies_example", "looping")
 DROP_REASONS = (
     "no_valid_candidates", "no_margin", "not_dominant", "irrelevant", "no_constraints", "no_critique_support",
-    "identical", "too_short", "too_long", "length_ratio", "too_similar", "too_different", "unrequested_habit", "bad_request",
+    "identical", "too_short", "too_long", "length_ratio", "too_similar", "too_different", "unrequested_habit", "bad_request", "invalid_response",
     "request_error",
 )
 # A candidate sharing this many consecutive words with a few-shot example answer copies it (measured on the

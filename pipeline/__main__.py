@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     # their `finally`s, finished steps are kept, and `pipeline run` resumes.
     signal.signal(signal.SIGTERM, _terminated)
 
+    from eval.run import EvalError
     from pipeline.run import PipelineError, run, status
+    from shared.client import ServerUnavailable
 
     if args.cmd == "status":
         print(status(args.run_dir))
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (EvalError, ServerUnavailable) as e:  # the round's server failed it; finished steps are kept
+        print(f"error: {e}\nFix the cause and run `python -m pipeline run` again: finished steps are kept.",
+              file=sys.stderr)
         return 1
 
 

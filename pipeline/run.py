@@ -271,7 +271,8 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
                                                           temperature=ev.temperature),
                     template=load_template(cfg.model.template), concurrency=ev.concurrency,
                     prompts_per_request=ev.prompts_per_request, timeout=cfg.client.timeout_s,
-                    max_retries=cfg.client.max_retries, heldout_types=ev.heldout_types,
+                    max_retries=cfg.client.max_retries, stall_timeout=cfg.client.stall_timeout_s,
+                    heldout_types=ev.heldout_types,
                     long_words=ev.long_answer_words)
                 st.add(completion_tokens=scores["completion_tokens"], prompts=scores["n_prompts"])
             log.info("round %d eval: %s=%.4f", k, ev.gate_metric, scores[ev.gate_metric])

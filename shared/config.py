@@ -80,6 +80,9 @@ class ClientConfig(Section):
     timeout_s: float = Field(600.0, gt=0, description="Per-request timeout; long generations need minutes on CPU.")
     max_retries: int = Field(6, ge=0, description="Retries on connection errors, 408/409/429 and 5xx (exp. backoff + jitter).")
     max_concurrency: int = Field(64, ge=1, description="Requests in flight per server; vLLM needs hundreds to stay full.")
+    stall_timeout_s: float = Field(600.0, gt=0, description="Eval and pair building stop with an error naming the "
+                                   "server when no response has arrived for this long while requests are in flight "
+                                   "(a stalled or dead server), instead of retrying each request max_retries times.")
 
 
 class CostConfig(Section):
@@ -253,7 +256,8 @@ class PairsConfig(Section):
     self_instruct_tasks: int = Field(0, ge=0, description="New tasks the served model writes (before dedupe).")
     self_instruct_shots: int = Field(8, ge=1, description="Seed tasks shown per self-instruct request.")
     input_file: Path | None = Field(None, description="User JSONL/parquet: `instruction` (verbatim) or `task`, optional `constraints`.")
-    dedupe_threshold: float = Field(0.8, gt=0.0, le=1.0, description="MinHash Jaccard above which tasks are near-duplicates.")
+    dedupe_threshold: float = Field(0.8, gt=0.0, le=0.95, description="MinHash Jaccard above which tasks are "
+                                    "near-duplicates (at most 0.95: LSH over 64 permutations resolves no finer).")
     max_instructions: int | None = Field(None, ge=1, description="Use only the first N instructions (after dedupe).")
     max_pairs: int | None = Field(None, ge=1, description="Stop once this many pairs are kept (counting earlier runs).")
     k: int = Field(2, ge=1, description="Responses sampled per instruction (one request, n=k); more = better pairs, more tokens.")

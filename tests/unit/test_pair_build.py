@@ -187,3 +187,20 @@ def _response(status):
     import httpx
 
     return httpx.Response(status, request=httpx.Request("POST", "http://x/v1/completions"))
+
+
+def test_build_item_unusable_answer_is_a_counted_drop_not_a_retry():
+    fc = FakeClient(["HELLO THERE FRIEND", "Hi friend."], revision="hello there friend")
+    real = fc.create
+
+    def no_logprobs(**kw):
+        resp = real(**kw)
+        if kw.get("echo"):
+            for c in resp.choices:
+                c.logprobs = None
+        return resp
+
+    fc.completions.create = no_logprobs
+    res = build_item(fc, LOWER, PRINCIPLE, settings=SETTINGS, template=TEMPLATE)
+    assert (res["kept"], res["reason"], res["error"]) == (False, "invalid_response", None)
+    assert "no echo log-probs" in res["invalid_response"]

@@ -1,0 +1,128 @@
+"""Faults injected with real processes: a generation server (bench/sim_server.py) that stalls, answers 5xx or
+answers garbage, or dies and comes back, against the real eval and pair_builder CLIs. Each ends in bounded time
+with one clear line and its exit code, keeps what it finished, and a rerun against a healthy server goes on
+without duplicates."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gen_server.process import free_port
+from shared.client import wait_for_health
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+N_PROMPTS = 6
+
+
+class Sim:
+    """The simulated server as a subprocess; stopped in teardown whatever happens."""
+
+    def __init__(self, port: int, *args: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "sim_server.py"), "--port", str(port),
+                                      "--tokens-per-s", "1000", "--latency-ms", "1", *args])
+        wait_for_health(self.url, timeout=60)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def sim():
+    started: list[Sim] = []
+
+    def start(*args: str, port: int | None = None) -> Sim:
+        s = Sim(port or free_port(), *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def _eval(url: str, out: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "eval", "--server", url, "--suite", "own", "--limit", str(N_PROMPTS),
+                        "--out", str(out), "--concurrency", "1", "--prompts-per-request", "1", "--max-tokens", "8",
+                        "client.stall_timeout_s=3", "client.timeout_s=30", *overrides],
+                       capture_output=True, text=True, timeout=300)
+    return r, time.monotonic() - t0
+
+
+def _one_clear_line(err: str, *phrases: str) -> None:
+    assert "Traceback" not in err, err[-3000:]
+    line = next(ln for ln in err.splitlines() if ln.startswith("error:"))
+    for p in phrases:
+        assert p in line, line
+
+
+@pytest.mark.parametrize("fault,overrides,phrases", [
+    ("stall", (), ("no response from the server at", "for 3 s", "client.stall_timeout_s")),
+    ("error", ("client.max_retries=1",), ("failed after 1 retries (InternalServerError",)),
+    ("garbage", ("client.max_retries=0",), ("failed after 0 retries",)),
+])
+def test_eval_against_a_faulty_server_fails_in_bounded_time(sim, tmp_path, fault, overrides, phrases):
+    s = sim("--fault", fault, "--fault-after", "2")
+    r, took = _eval(s.url, tmp_path / "ev", *overrides)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert took < 60
+    _one_clear_line(r.stderr, *phrases, "responses so far are kept")
+    kept = [json.loads(x) for x in (tmp_path / "ev" / "responses.jsonl").read_text().splitlines()]
+    assert len(kept) == 2  # what was answered before the fault
+
+
+def test_eval_server_dies_then_comes_back_rerun_is_exact(sim, tmp_path):
+    port = free_port()
+    s = sim("--fault", "stall", "--fault-after", "3", port=port)
+    r, _ = _eval(s.url, tmp_path / "ev")
+    assert r.returncode == 2
+    s.stop()  # gone; then back, healthy, on the same port
+    r, _ = _eval(s.url, tmp_path / "ev")
+    assert r.returncode == 2 and "no healthy generation server" in r.stderr and "Traceback" not in r.stderr
+    sim(port=port)
+    r, _ = _eval(s.url, tmp_path / "ev")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == N_PROMPTS and len({x["request_key"] for x in rows}) == N_PROMPTS  # no duplicates
+    assert json.loads((tmp_path / "ev" / "scores.json").read_text())["n_prompts"] == N_PROMPTS
+
+
+def _pair_builder(url: str, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    ins = tmp_path / "ins.jsonl"
+    ins.write_text("".join(json.dumps({"id": f"i{i}", "instruction": f"Describe topic number {i} for a child."})
+                           + "\n" for i in range(8)))
+    return subprocess.run([sys.executable, "-m", "pair_builder", f"run.root={tmp_path / 'runs'}", "run.name=f",
+                           f"pairs.servers=[{url}]", "pairs.sources=[file]", f"pairs.input_file={ins}",
+                           "pairs.no_constraint_rule=prefer_rewrite", "pairs.k=2", "pairs.max_tokens=16",
+                           "pairs.critique_max_tokens=16", "pairs.eos_token=EOS", "pairs.progress=false",
+                           "pairs.in_flight_per_server=2", "pairs.dedupe_threshold=0.95", "client.timeout_s=30",
+                           *overrides], capture_output=True, text=True, timeout=600)
+
+
+def test_pair_builder_against_a_stalled_server_exits_3_in_bounded_time(sim, tmp_path):
+    s = sim("--fault", "stall", "--fault-after", "1")  # the log-prob probe is answered, then nothing
+    t0 = time.monotonic()
+    r = _pair_builder(s.url, tmp_path, "client.stall_timeout_s=5")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert time.monotonic() - t0 < 120
+    assert "no item finished for 5 s" in r.stderr and "Traceback" not in r.stderr
+    r = _pair_builder(sim().url, tmp_path)  # a healthy server: the resubmission finishes every item
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = [json.loads(x) for x in (tmp_path / "runs" / "f" / "round-0" / "pairs" / ".meta" / "done.jsonl")
+            .read_text().splitlines()]
+    assert len(done) == len({d["id"] for d in done}) == 8
+
+
+def test_pair_builder_against_a_server_that_stalls_from_the_start_exits_3(sim, tmp_path):
+    s = sim("--fault", "error")  # health answers, every completion is a 500
+    r = _pair_builder(s.url, tmp_path, "client.max_retries=0")
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "answers /health but not a completion request" in r.stderr and "Traceback" not in r.stderr
