@@ -3,7 +3,8 @@
 
     python -m gen_server --model DIR_OR_PACKAGED_NAME [--backend embedded|vllm] [--host 127.0.0.1]
         [--port 8000] [--api-key K] [--served-model-name N] [--dtype auto] [--max-model-len N] [--seed 0]
-        embedded only: [--max-batch-size 16]
+        embedded only: [--max-batch-size 16] [--max-prompts 64] [--max-n 16] [--max-stop 16]
+                       [--max-request-tokens 65536] [--max-scored-tokens 16384]
         vllm only:     [--quantization fp8|none] [--gpu-memory-utilization 0.9] [--tensor-parallel-size 1]
                        [--data-parallel-size 1] [--enable-prefix-caching | --no-enable-prefix-caching]
                        [--health-timeout 900] [--log-file PATH] [-- ARGS PASSED TO VLLM VERBATIM]
@@ -45,7 +46,8 @@ VLLM_ONLY = (
     "health_timeout",
     "log_file",
 )
-EMBEDDED_ONLY = ("max_batch_size",)
+LIMITS = ("max_prompts", "max_n", "max_stop", "max_request_tokens", "max_scored_tokens")  # embedded.RequestLimits
+EMBEDDED_ONLY = ("max_batch_size", *LIMITS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests decoded together (default 16); higher is more throughput and memory",
     )
+    emb.add_argument("--max-prompts", type=int, default=None, help="prompts in one request (default 64)")
+    emb.add_argument("--max-n", type=int, default=None, help="choices per prompt (default 16)")
+    emb.add_argument("--max-stop", type=int, default=None, help="stop strings per request (default 16)")
+    emb.add_argument("--max-request-tokens", type=int, default=None,
+                     help="prompt + max_tokens over every choice of a request (default 65536)")
+    emb.add_argument("--max-scored-tokens", type=int, default=None,
+                     help="prompt tokens scored with log-probs in one request (default 16384)")
 
     vl = ap.add_argument_group("vllm backend (GPU)")
     vl.add_argument(
@@ -155,8 +164,9 @@ def _validate(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
                         "port could use the server. Set GEN_SERVER_API_KEY (or --api-key), or pass --allow-insecure")
     if args.max_model_len is not None and args.max_model_len < 1:
         problems.append(f"--max-model-len must be positive, got {args.max_model_len}")
-    if args.max_batch_size is not None and args.max_batch_size < 1:
-        problems.append(f"--max-batch-size must be positive, got {args.max_batch_size}")
+    for name in ("max_batch_size", *LIMITS):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
         problems.append(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     for name in ("tensor_parallel_size", "data_parallel_size"):
@@ -251,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return run_vllm(opts, health_timeout=args.health_timeout or 900.0, log_path=args.log_file)
 
-    from gen_server.embedded import serve  # torch + transformers: import only when serving on CPU
+    from gen_server.embedded import RequestLimits, serve  # torch + transformers: import only when serving on CPU
+
+    limits = RequestLimits(**{k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None})
 
     serve(
         model_dir,
@@ -264,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         seed=args.seed,
         log_level=args.log_level,
+        limits=limits,
     )
     return 0
 

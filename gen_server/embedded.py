@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -98,7 +99,43 @@ class ChatCompletionRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-def create_app(engine: Engine, *, api_key: str | None, served_model_name: str) -> FastAPI:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the embedded server; past any of them it answers 400 naming the limit.
+    Without them one request could take gigabytes: prompt log-probs over a 7,640-token prompt raised the
+    server's memory from 1.3 to 4.8 GB, and n=1000 was served."""
+
+    max_prompts: int = 64  # prompts in one /v1/completions request (a list prompt)
+    max_n: int = 16  # choices per prompt
+    max_stop: int = 16  # stop strings, each at most MAX_STOP_CHARS characters
+    max_request_tokens: int = 65_536  # sum over every choice of its prompt tokens + max_tokens
+    max_scored_tokens: int = 16_384  # prompt tokens scored with log-probs (echo, prompt_logprobs) in one request
+
+    def check(self, prompt_lens: list[int], n: int, max_tokens: int, stop: tuple[str, ...], scored: bool) -> None:
+        if len(prompt_lens) > self.max_prompts:
+            raise APIError(400, f"{len(prompt_lens)} prompts in one request: this server takes at most "
+                                f"{self.max_prompts} (--max-prompts); split the request", "prompt")
+        if n > self.max_n:
+            raise APIError(400, f"n={n}: this server gives at most {self.max_n} choices per prompt (--max-n)", "n")
+        if len(stop) > self.max_stop or any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"stop: at most {self.max_stop} strings (--max-stop) of at most {MAX_STOP_CHARS} "
+                                "characters each", "stop")
+        total = sum((p + max_tokens) * n for p in prompt_lens)
+        if total > self.max_request_tokens:
+            raise APIError(400, f"the request needs {total} tokens (prompt + max_tokens, for each of its "
+                                f"{len(prompt_lens) * n} choices): over this server's {self.max_request_tokens} "
+                                "(--max-request-tokens); send fewer prompts or a lower n / max_tokens", "prompt")
+        if scored and sum(prompt_lens) > self.max_scored_tokens:
+            raise APIError(400, f"log-probs over {sum(prompt_lens)} prompt tokens in one request: over this "
+                                f"server's {self.max_scored_tokens} (--max-scored-tokens); score fewer or shorter "
+                                "prompts per request", "prompt")
+
+
+MAX_STOP_CHARS = 256
+
+
+def create_app(engine: Engine, *, api_key: str | None, served_model_name: str,
+               limits: RequestLimits = RequestLimits()) -> FastAPI:
     """The FastAPI app serving `engine`; every /v1 route needs `Authorization: Bearer <api_key>` if set."""
 
     @asynccontextmanager
@@ -221,6 +258,7 @@ def create_app(engine: Engine, *, api_key: str | None, served_model_name: str) -
             (k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None), default=None
         )
         params = sampling_params(req, max_tokens, logprobs=req.logprobs, prompt_logprobs=prompt_k)
+        limits.check([len(ids) for ids in prompt_ids], req.n, max_tokens, params.stop, prompt_k is not None)
         results = await run(prompt_ids, params, req.n)
 
         choices = []
@@ -270,7 +308,9 @@ def create_app(engine: Engine, *, api_key: str | None, served_model_name: str) -
         if max_tokens is None:
             max_tokens = max(0, engine.max_model_len - len(ids))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        results = await run([ids], sampling_params(req, max_tokens, logprobs=logprobs), req.n)
+        params = sampling_params(req, max_tokens, logprobs=logprobs)
+        limits.check([len(ids)], req.n, max_tokens, params.stop, False)
+        results = await run([ids], params, req.n)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -382,12 +422,14 @@ def serve(
     dtype: str = "auto",
     seed: int = 0,
     log_level: str = "info",
+    limits: RequestLimits = RequestLimits(),
 ) -> None:
     """Load the model and serve it until interrupted (blocks)."""
     if not logging.getLogger().handlers:  # an entry point that configured logging keeps its set-up
         setup_logging(log_level)
     engine = Engine(model_dir, dtype=dtype, max_batch_size=max_batch_size, max_model_len=max_model_len, seed=seed)
-    app = create_app(engine, api_key=api_key, served_model_name=served_model_name or Path(model_dir).resolve().name)
+    app = create_app(engine, api_key=api_key, served_model_name=served_model_name or Path(model_dir).resolve().name,
+                     limits=limits)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
     finally:

@@ -28,12 +28,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(model_dir: Path, log_path: Path):
+def _start_server(model_dir: Path, log_path: Path, *extra: str, module: str = "gen_server.embedded"):
     """Start the server, wait for /health; yields its base URL and stops it however the tests end."""
     port = _free_port()
     cmd = [
-        sys.executable, "-m", "gen_server.embedded", "--model", str(model_dir), "--port", str(port),
-        "--api-key", KEY, "--served-model-name", MODEL, "--max-batch-size", "8", "--log-level", "warning",
+        sys.executable, "-m", module, "--model", str(model_dir), "--port", str(port),
+        "--api-key", KEY, "--served-model-name", MODEL, "--max-batch-size", "8", "--log-level", "warning", *extra,
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -255,3 +255,34 @@ def test_tokens_as_token_ids(client, tiny_model_dir):
     assert lp.tokens[-1] == f"token_id:{tok.eos_token_id}"  # the eos text is the eos token, as TRL tokenizes it
     plain = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1).choices[0].logprobs
     assert lp.token_logprobs == plain.token_logprobs and lp.text_offset == plain.text_offset
+
+
+@pytest.fixture(scope="module")
+def limited_url(tiny_model_dir, tmp_path_factory):
+    yield from _start_server(tiny_model_dir, tmp_path_factory.mktemp("server") / "limited.log", "--backend",
+                             "embedded", "--max-prompts", "2", "--max-n", "2", "--max-stop", "2",
+                             "--max-request-tokens", "300", "--max-scored-tokens", "40", module="gen_server")
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"prompt": ["a", "b", "c"], "max_tokens": 1}, "3 prompts in one request: this server takes at most 2"),
+    ({"prompt": "hi", "n": 3, "max_tokens": 1}, "n=3: this server gives at most 2 choices"),
+    ({"prompt": "hi", "stop": ["a", "b", "c"], "max_tokens": 1}, "stop: at most 2 strings"),
+    ({"prompt": "hi", "stop": ["x" * 300], "max_tokens": 1}, "of at most 256 characters"),
+    ({"prompt": ["hi", "ho"], "n": 2, "max_tokens": 100}, "over this server's 300 (--max-request-tokens)"),
+    ({"prompt": "word " * 60, "max_tokens": 0, "echo": True, "logprobs": 1}, "(--max-scored-tokens)"),
+    ({"prompt": "word " * 60, "max_tokens": 1, "prompt_logprobs": 1}, "(--max-scored-tokens)"),
+])
+def test_requests_past_the_limits_are_400_naming_the_limit(limited_url, body, match):
+    r = httpx.post(f"{limited_url}/v1/completions", json={"model": MODEL, **body},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert match in r.json()["error"]["message"]
+
+
+def test_requests_within_the_limits_are_served(limited_url):
+    c = openai.OpenAI(base_url=f"{limited_url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    r = c.completions.create(model=MODEL, prompt=["hi", "ho"], n=2, max_tokens=4, stop=["a", "b"])
+    assert len(r.choices) == 4
+    r = c.completions.create(model=MODEL, prompt="a b c", max_tokens=0, echo=True, logprobs=1)
+    assert r.choices[0].logprobs.token_logprobs
