@@ -219,7 +219,7 @@ def run(cfg: Config) -> int:
                     jobs.append(Job("build", (ins.to_json(), pr.id), iid))
             log.info("%d instructions, %d to do", len(instructions), len(jobs))
             budget = cfg.cost.budget_usd
-            spent_before = ledger.total_usd()
+            spent_before = RunDir.from_config(cfg).spent_usd()  # every round's: the budget covers the whole run
 
             def should_stop() -> bool:
                 if p.max_pairs is not None and writer.kept_count >= p.max_pairs:

@@ -47,14 +47,11 @@ def model_of_round(cfg: Config, rd: RunDir, k: int) -> Path:
     return rd.round(k - 1, create=False).merged
 
 
-def _spent(rd: RunDir) -> float:
-    return sum(CostLedger(rd.round(k, create=False).ledger).total_usd() for k in rd.rounds())
+STAGE_STOP_GRACE_S = 30.0
+TRAIN_BUDGET_EXIT = 3  # trainer.dpo's exit code when it stopped at cost.budget_usd  # a trainer saving its last checkpoint, pair_builder flushing its shard
 
 
-STAGE_STOP_GRACE_S = 30.0  # a trainer saving its last checkpoint, pair_builder flushing its shard
-
-
-def _stage(cmd: list[str], step: str, env: dict[str, str] | None = None) -> None:
+def _stage(cmd: list[str], step: str, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> int:
     """Run one stage as a child in a process group of its own, and leave nothing of it behind: stopped (group
     SIGTERM, then SIGKILL) when the pipeline is interrupted or fails, SIGTERMed by the kernel when the pipeline
     dies outright, and its group's leftovers (Ray agents of a driver that died) killed when it ends."""
@@ -69,9 +66,10 @@ def _stage(cmd: list[str], step: str, env: dict[str, str] | None = None) -> None
         raise
     if kill_leftovers(proc.pid):
         log.warning("[%s] left processes behind in its group; killed them", step)
-    if rc != 0:
+    if rc not in ok:
         raise PipelineError(f"step {step} failed with exit code {rc} (its output is above). Fix the cause and run "
                             f"`python -m pipeline run` again: finished steps are kept and this one resumes.")
+    return rc
 
 
 def _mark(state: RunState, step: str, **info: Any) -> None:
@@ -208,7 +206,7 @@ def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
         # within noise either way: keep the better-scoring model
         return (f"plateau: {ev.gate_metric} gained {gain:+.4f} over round {k - 1} "
                 f"(< pipeline.min_gain={cfg.pipeline.min_gain}){kept}", promoted)
-    spent = _spent(rd) if cfg.cost.budget_usd is not None else 0.0  # reads every round's ledger: once
+    spent = rd.spent_usd() if cfg.cost.budget_usd is not None else 0.0  # reads every round's ledger: once
     if cfg.cost.budget_usd is not None and spent >= cfg.cost.budget_usd:
         return f"budget spent: ${spent:.2f} >= cost.budget_usd=${cfg.cost.budget_usd:.2f}{kept}", promoted
     if k >= cfg.pipeline.rounds:
@@ -333,8 +331,16 @@ def run(cfg: Config) -> int:
             log.info("stopping after round %d: %s; final model: %s", k, reason, promoted)
             break
         if not state.done(f"round-{k}/train"):
-            _stage([sys.executable, "-m", "trainer.dpo", "--config", str(cfg_path), f"train.round={k}", "--resume"],
-                   f"round-{k}/train")
+            rc = _stage([sys.executable, "-m", "trainer.dpo", "--config", str(cfg_path), f"train.round={k}",
+                         "--resume"], f"round-{k}/train", ok=(0, TRAIN_BUDGET_EXIT))
+            if rc == TRAIN_BUDGET_EXIT:  # the trainer stopped cleanly at cost.budget_usd: a stop, not a failure
+                j, promoted = _fallback(cfg, rd, k + 1, _measures(cfg, rd))
+                reason = (f"budget spent: cost.budget_usd=${cfg.cost.budget_usd:.2f} reached while training round "
+                          f"{k} (${rd.spent_usd():.2f} recorded); its partial adapter is not merged, round {j}'s "
+                          f"model is kept")
+                state.stop(reason, round=k, promoted=promoted)
+                log.info("stopping in round %d: %s", k, reason)
+                break
             _mark(state, f"round-{k}/train")
         if not state.done(f"round-{k}/merge"):
             _stage([sys.executable, "-m", "trainer.merge", "--config", str(cfg_path), f"train.round={k}"],

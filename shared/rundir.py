@@ -67,6 +67,13 @@ class RunDir:
             return []
         return sorted(int(m.group(1)) for p in self.path.iterdir() if p.is_dir() and (m := _ROUND.match(p.name)))
 
+    def spent_usd(self) -> float:
+        """Dollars every round's ledger of this run records: what ``cost.budget_usd`` is checked against, by
+        pair building, training and the pipeline alike."""
+        from shared.ledger import CostLedger
+
+        return sum(CostLedger(self.round(k, create=False).ledger).total_usd() for k in self.rounds())
+
     def save_config(self, cfg: BaseModel) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
         return save_config(cfg, self.config_path)

@@ -317,8 +317,7 @@ def write_curves(log_history: list[dict[str, Any]], train_dir: Path) -> list[Pat
 
 def _spent_before(cfg: Config) -> float:
     """Dollars already recorded in every round's ledger of this run (the budget covers the whole run)."""
-    rd = RunDir.from_config(cfg)
-    return sum(CostLedger(rd.round(k, create=False).ledger).total_usd() for k in rd.rounds())
+    return RunDir.from_config(cfg).spent_usd()
 
 
 def base_fingerprint(base_model: Path) -> dict[str, Any]:

@@ -210,3 +210,21 @@ def test_sigterm_mid_pairs_leaves_nothing_running_and_the_rerun_finishes(tiny_co
     r = _pipeline("run", "--config", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((run / "state.json").read_text())["stopped"] is not None
+
+
+def test_budget_reached_while_training_is_a_stop_not_a_failure(tiny_config):
+    """The trainer stops cleanly at cost.budget_usd (exit 3): the pipeline records a budget stop, keeps round 0's
+    model and exits 0; it does not report a failed step."""
+    cfg, run = tiny_config
+    r = _pipeline("run", "--config", str(cfg), "cost.gpu_usd_per_hour=3600", crash_after="round-0/pairs")
+    assert r.returncode == 137, r.stderr[-3000:]
+    spent = sum(json.loads(x).get("cost_usd", 0) for x in (run / "round-0" / "ledger.jsonl").read_text().splitlines())
+    assert spent > 0
+    # what is left buys far less than one training step at $1/s
+    r = _pipeline("run", "--config", str(cfg), "cost.gpu_usd_per_hour=3600", f"cost.budget_usd={spent + 0.01}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((run / "state.json").read_text())
+    assert state["stopped"]["reason"].startswith("budget spent: cost.budget_usd=") and "while training round 0" in \
+        state["stopped"]["reason"]
+    assert state["stopped"]["promoted_model"] and "round-0/train" not in state["steps"]
+    assert "failed with exit code" not in r.stderr

@@ -39,3 +39,13 @@ def test_rundir_layout_and_config(tmp_path):
     assert load_config(rd.save_config(cfg)) == cfg
     with pytest.raises(ValueError):
         rd.round(-1)
+
+
+def test_spent_covers_every_round_of_the_run(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    for k in (0, 1):
+        with CostLedger(rd.round(k).ledger, usd_per_hour=3600.0).stage("pairs"):
+            time.sleep(0.05)
+    per_round = [CostLedger(rd.round(k).ledger).total_usd() for k in (0, 1)]
+    assert all(x > 0 for x in per_round)
+    assert rd.spent_usd() == pytest.approx(sum(per_round))  # what pair_builder, trainer and pipeline compare
