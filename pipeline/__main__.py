@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "status":
         print(status(args.run_dir))
-        return 0
+        from pipeline.state import RunState
+
+        return 0 if RunState(args.run_dir).path.exists() else 1  # a dir with no run in it is an error
     try:
         if getattr(args, "rounds", None):
             args.overrides.append(f"pipeline.rounds={args.rounds}")

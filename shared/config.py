@@ -11,7 +11,9 @@ every problem - unreadable YAML, malformed overrides, wrong types, unknown keys 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -54,19 +56,21 @@ class ServerConfig(Section):
         "smollm2-135m", description="Model directory, or a packaged model name (see gen_server.models)."
     )
     host: str = Field("127.0.0.1", description="Bind address; keep loopback unless the API key is set.")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
     api_key: str | None = Field(None, description="Bearer key the server requires; env GEN_SERVER_API_KEY.")
     served_model_name: str | None = Field(None, description="Name clients send as `model`; default: dir name.")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16.")
     max_model_len: int | None = Field(None, ge=16, description="Context length; lower saves KV-cache memory.")
-    seed: int = 0
+    seed: int = Field(0, description="Sampling seed of requests that give none.")
     # embedded only
     max_batch_size: int = Field(16, ge=1, description="Embedded: sequences decoded together; higher = more throughput, more RAM.")
     # vllm only
     quantization: Literal["none", "fp8"] = Field("none", description="vLLM: fp8 = ~1.2x throughput, half the weight memory.")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(1, ge=1)
-    data_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM: share of GPU memory for weights "
+                                          "and KV cache.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one model is split over (a model too big "
+                                      "for one GPU).")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM: model replicas in one server (throughput).")
     enable_prefix_caching: bool = Field(True, description="vLLM: reuse the shared few-shot prefix across requests.")
     extra_args: list[str] = Field(default_factory=list, description="Passed to `vllm serve` verbatim.")
     health_timeout_s: float = Field(900.0, gt=0, description="How long to wait for /health after start.")
@@ -119,7 +123,8 @@ class EvalConfig(Section):
     prompts_per_request: int = Field(8, ge=1, description="Base-style prompts per /v1/completions request (a list "
                                      "prompt): vLLM 0.71x -> 1.0x of offline throughput at 8; 1 suits the CPU "
                                      "server (a batch holds its slots until its longest answer ends). Chat: 1.")
-    gate_metric: Literal["prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"] = "prompt_loose"
+    gate_metric: Literal["prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"] = Field(
+        "prompt_loose", description="The IFEval metric that decides promotion, --gate and eval.target.")
     target: float = Field(0.95, ge=0.0, le=1.0, description="The plan's success rate: stop when reached.")
     heldout_types: list[str] = Field(
         default_factory=lambda: list(DEFAULT_HELDOUT_TYPES),
@@ -265,7 +270,7 @@ class PairsConfig(Section):
     max_tokens: int = Field(256, ge=1, description="Tokens per response or rewrite; too low truncates (dropped).")
     critique_max_tokens: int = Field(160, ge=1, description="Tokens per critique.")
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature of responses; diversity among the k samples.")
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling for the k samples and rewrites.")
     critique_temperature: float = Field(0.3, ge=0.0, description="Critique and rewrite temperature; low = focused edits.")
     seed: int = Field(0, description="Seeds constraint draws, principle choice and request seeds.")
     no_constraint_rule: Literal["drop", "critique", "prefer_rewrite"] = Field(
@@ -392,7 +397,7 @@ def _format_validation_error(err: ValidationError) -> list[str]:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            problems.append(f"{loc}: unknown key (check the spelling; see the config reference in configs/)")
+            problems.append(f"{loc}: unknown key (check the spelling; every key is in docs/config.md)")
         else:
             problems.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
     return problems
@@ -504,3 +509,43 @@ def add_config_args(parser: argparse.ArgumentParser, *, required: bool = False) 
 
 def config_from_args(args: argparse.Namespace, cls: type[C] = Config) -> C:  # type: ignore[assignment]
     return load_config(args.config, args.overrides, cls)
+
+
+REFERENCE_PATH = "docs/config.md"
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("NoneType", "None").replace("pathlib.", "")
+    return re.sub(r"<class '([\w.]+)'>", r"\1", text)
+
+
+def config_reference() -> str:
+    """Every setting, section by section: key, type, default and what it does (the Markdown of
+    :data:`REFERENCE_PATH`; regenerate it with ``python -m shared.config > docs/config.md``)."""
+    lines = ["# Config reference", "",
+             "Every setting of `python -m pipeline run --config CFG` and of each stage's CLI, by section. Set them in",
+             "the YAML file (`section:` then `key: value`) or override any on the command line as `section.key=value`.",
+             "Generated from `shared/config.py` by `python -m shared.config > docs/config.md`; a test keeps it current.",
+             ""]
+    def rows(prefix: str, section: type[BaseModel]) -> list[str]:
+        out = []
+        for key, f in section.model_fields.items():
+            default = f.default_factory() if f.default_factory is not None else f.default
+            if isinstance(default, BaseModel):  # a nested section: its keys, one row each
+                out += rows(f"{prefix}.{key}", type(default))
+                continue
+            desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
+            out.append(f"| `{prefix}.{key}` | `{_type_name(f.annotation)}` | `{json.dumps(default, default=str)}` "
+                       f"| {desc} |")
+        return out
+
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        doc = " ".join((section.__doc__ or "").strip().split("\n\n")[0].split())
+        lines += [f"## `{name}`", "", *([doc, ""] if doc else []),
+                  "| key | type | default | what it does |", "|---|---|---|---|", *rows(name, section), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

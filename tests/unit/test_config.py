@@ -99,3 +99,15 @@ def test_a_binary_config_is_one_line(tmp_path):
     p.write_bytes(b"\xff\xfe\x00bin")
     with pytest.raises(ConfigError, match="not a text"):
         load_config(p)
+
+
+def test_the_config_reference_is_current_and_complete():
+    from pathlib import Path
+
+    from shared.config import REFERENCE_PATH, config_reference
+
+    ref = config_reference()
+    doc = Path(__file__).resolve().parents[2] / REFERENCE_PATH
+    assert doc.read_text() == ref, "docs/config.md is stale: python -m shared.config > docs/config.md"
+    rows = [ln for ln in ref.splitlines() if ln.startswith("| `")]
+    assert len(rows) > 100 and all(not ln.rstrip().endswith("|  |") for ln in rows)  # every key says what it does
