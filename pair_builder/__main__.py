@@ -290,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     except ServerUnavailable as e:
         log.error("%s", e)
         return 3
+    except OSError as e:  # disk full, permissions: what was written before is intact (atomic writes)
+        log.error("could not write %s: %s. Free space (or fix the permissions), then resubmit: finished items are "
+                  "kept and only the rest is redone", e.filename or "the output", e.strerror or e)
+        return 1
 
 
 if __name__ == "__main__":

@@ -180,3 +180,44 @@ def test_merge_verifies_and_tampering_fails(trained, tmp_path):
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MergeVerificationError, match="disagrees"):
         verify_merged(model, result.adapter_dir, out, probe_prompts=probes)
+
+
+def test_sigkill_mid_save_then_resume_finishes(tmp_path):
+    """A real `python -m trainer.dpo` SIGKILLed the moment a checkpoint directory appears (mid-save, or just
+    after): the torn checkpoint is never resumed from, and `--resume` finishes the run with a complete adapter."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainer.hooks import COMPLETE_MARKER
+
+    model = _setup(tmp_path)
+    args = [f"run.root={tmp_path}", "run.name=run", f"train.base_model={model}", "train.report_to=[]",
+            "train.max_length=1024", "train.lora_r=8", "train.learning_rate=5e-3", "train.per_device_train_batch_size=2",
+            "train.gradient_accumulation_steps=1", "train.warmup_ratio=0", "train.gradient_checkpointing=false",
+            "train.eval_split=0", "train.max_steps=12", "train.save_steps=2"]
+    train_dir = tmp_path / "run" / "round-0" / "train"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.dpo", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (train_dir / "checkpoint-4").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the trainer ended before checkpoint-4: " + proc.stderr.read()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    torn = [p.name for p in train_dir.glob("checkpoint-*") if not (p / COMPLETE_MARKER).exists()]
+    print("torn checkpoints:", torn)
+    r = subprocess.run([sys.executable, "-m", "trainer.dpo", *args, "--resume"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed_from = "checkpoint-4" if "checkpoint-4" not in torn else "checkpoint-2"
+    assert f"resuming from {train_dir / resumed_from}" in r.stderr, (torn, r.stderr[-2000:])
+    summary = json.loads((tmp_path / "run" / "round-0" / "adapter" / "train_summary.json").read_text())
+    assert summary["global_step"] == 12
+    assert (tmp_path / "run" / "round-0" / "adapter" / "adapter_model.safetensors").stat().st_size > 0

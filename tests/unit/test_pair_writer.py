@@ -95,3 +95,39 @@ def test_stats_add_up_and_report_files(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "| no_margin | 2 |" in card and "acceptance 40.0%" in card and "sha256 `cccccccccccccccc`" in card
     assert json.loads((meta / "stats.json").read_text())["kept"] == 2
+
+
+def test_disk_full_mid_shard_keeps_earlier_shards_and_redoes_the_rest(tmp_path, monkeypatch, capfd):
+    import errno
+
+    import pair_builder.writer as writer_mod
+    from pair_builder.__main__ import main
+
+    w = PairWriter(tmp_path, MANIFEST, shard_size=2)
+    w.add(kept(0))
+    w.add(kept(1))  # shard 0 written
+    first = (tmp_path / "shard-00000.parquet").read_bytes()
+    real = writer_mod.atomic_write_bytes
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(writer_mod, "atomic_write_bytes", full)
+    w.add(kept(2))
+    with pytest.raises(OSError):
+        w.add(kept(3))  # shard 1 cannot be written
+    assert [p.name for p in w.shards()] == ["shard-00000.parquet"]
+    assert (tmp_path / "shard-00000.parquet").read_bytes() == first and not list(tmp_path.glob("*.tmp*"))
+    monkeypatch.setattr(writer_mod, "atomic_write_bytes", real)
+    again = PairWriter(tmp_path, MANIFEST, shard_size=2)  # the resubmission
+    assert again.is_done("id0") and again.is_done("id1") and not again.is_done("id2") and not again.is_done("id3")
+
+    # and the CLI says so in one line, exit 1
+    def run_full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/round-0/pairs/shard-00001.parquet")
+
+    monkeypatch.setattr("pair_builder.__main__.run", run_full)
+    assert main([]) == 1
+    err = capfd.readouterr().err
+    assert "could not write runs/x/round-0/pairs/shard-00001.parquet: No space left on device" in err
+    assert "Traceback" not in err
