@@ -297,18 +297,24 @@ def _no_pairs(state: RunState, rk: Any, k: int, model_dir: Path) -> tuple[str, s
     return None
 
 
+def _check_run_dir(path: Path) -> None:
+    """The run directory can be made (nothing is created here: a config refused later leaves no trace)."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError([f"run.root / run.name: cannot make the run directory {path}: {existing} is a file, not a "
+                           "directory: choose another run.root"], "pipeline config")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError([f"run.root / run.name: cannot make the run directory {path}: {existing} is not writable: "
+                           "choose another run.root"], "pipeline config")
+
+
 def run(cfg: Config) -> int:
     """Run (or continue) the loop until a stopping rule fires. Returns the process exit code."""
     from pipeline.report import write_report
     from pipeline.validate import validate_pipeline
 
     rd = RunDir.from_config(cfg)
-    try:
-        rd.path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError([f"run.root / run.name: cannot make the run directory {rd.path}: {e.strerror} (a file "
-                           "where a directory should be, or no permission?): choose another run.root"],
-                          "pipeline config") from None
+    _check_run_dir(rd.path)
     try:
         base_dir = model_of_round(cfg, rd, 0)
     except (OSError, ValueError) as e:  # UnknownModelError, a packaged model that cannot be prepared

@@ -157,7 +157,7 @@ CASES = [
          "limit must be >= 1, got 0", 2),
     # run dirs
     Case("run-root-file", "a run.root that is a file", lambda t, m: _pipe(t, f"run.root={_w(t / 'f', 'x')}"),
-         "cannot make the run directory", 2),
+         r"cannot make the run directory .*is a file, not a directory", 2),
     Case("status-no-run", "pipeline status on a dir that holds no run", lambda t, m: ["pipeline", "status", str(t)],
          "no run here yet", 1),
     # CLI flags
