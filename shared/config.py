@@ -15,10 +15,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.atomic import atomic_write_text
 
@@ -83,7 +83,6 @@ class ServerConfig(Section):
 class ClientConfig(Section):
     timeout_s: float = Field(600.0, gt=0, description="Per-request timeout; long generations need minutes on CPU.")
     max_retries: int = Field(6, ge=0, description="Retries on connection errors, 408/409/429 and 5xx (exp. backoff + jitter).")
-    max_concurrency: int = Field(64, ge=1, description="Requests in flight per server; vLLM needs hundreds to stay full.")
     stall_timeout_s: float = Field(600.0, gt=0, description="Eval and pair building stop with an error naming the "
                                    "server when no response has arrived for this long while requests are in flight "
                                    "(a stalled or dead server), instead of retrying each request max_retries times.")
@@ -149,6 +148,11 @@ class EvalConfig(Section):
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# TRL 1.15's DPOConfig.loss_type values
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
 class TrainConfig(Section):
     """DPO LoRA training of one round (``python -m trainer.dpo``); every path defaults into the run dir."""
 
@@ -179,7 +183,10 @@ class TrainConfig(Section):
         description="Modules that get LoRA; all seven projections learn best, fewer save memory.",
     )
     beta: float = Field(0.1, gt=0.0, description="DPO beta: higher keeps the policy closer to the reference.")
-    loss_type: str = Field("sigmoid", description="TRL DPO loss (sigmoid, ipo, hinge, robust, apo_zero, ...).")
+    loss_type: LossType | list[LossType] = Field(
+        "sigmoid", description="TRL's DPO loss, or several combined with loss_weights (e.g. [sigmoid, sft]: DPO plus "
+        "an SFT term on chosen, which keeps chosen's likelihood up). Checked before any model loads.")
+    loss_weights: list[float] | None = Field(None, description="One weight per loss_type entry; default 1.0 each.")
     learning_rate: float = Field(5e-6, gt=0.0, description="Higher learns faster but can collapse rewards.")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name (linear, cosine, constant).")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps spent warming up the LR.")
@@ -219,6 +226,23 @@ class TrainConfig(Section):
     optim: str = Field("adamw_torch", description="transformers optimizer; adamw_8bit saves GPU memory.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="tensorboard, wandb, ... "
                                  "([] for none).")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _known_losses(cls, v: Any) -> Any:
+        names = [v] if isinstance(v, str) else v if isinstance(v, list) else []
+        unknown = [n for n in names if n not in get_args(LossType)]
+        if unknown:
+            raise ValueError(f"unknown DPO loss {unknown[0]!r}; TRL 1.15 has {', '.join(get_args(LossType))}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_match_losses(self) -> TrainConfig:
+        n = 1 if isinstance(self.loss_type, str) else len(self.loss_type)
+        if self.loss_weights is not None and len(self.loss_weights) != n:
+            raise ValueError(f"train.loss_weights has {len(self.loss_weights)} weight(s) for {n} loss_type "
+                             "entr(y/ies): give one per loss, or leave it out")
+        return self
 
 
 class MergeConfig(Section):

@@ -1,4 +1,4 @@
-"""Run directory layout (DESIGN.md contract): ``<root>/<name>/round-<k>/{pairs,adapter,merged,eval}``,
+"""Run directory layout (the contract every stage shares): ``<root>/<name>/round-<k>/{pairs,adapter,merged,eval}``,
 ``round-<k>/ledger.jsonl`` and the resolved ``config.yaml`` at the run's top."""
 
 from __future__ import annotations

@@ -35,7 +35,6 @@ from trainer.paths import TrainPaths, resolve_train_paths
 log = logging.getLogger(__name__)
 
 UNSLOTH_MAX_SEQ_LENGTH = 2048
-UNSLOTH_RANDOM_STATE = 3407
 AUTO_BATCH_FALLBACK = 1  # per-device batch for "auto" when no GPU memory plan applies (CPU)
 SUMMARY_NAME = "train_summary.json"
 
@@ -112,7 +111,7 @@ def _load_unsloth(cfg: Config, base_model: Path) -> tuple[Any, Any]:
         lora_dropout=t.lora_dropout,
         bias="none",
         use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
-        random_state=UNSLOTH_RANDOM_STATE,
+        random_state=t.seed,
         max_seq_length=max_seq_length,
     )
     return model, tokenizer
@@ -223,7 +222,8 @@ def _dpo_config(cfg: Config, backend: str, train_dir: Path, batch_size: int, has
     return DPOConfig(
         output_dir=str(train_dir),
         beta=t.beta,
-        loss_type=[t.loss_type],
+        loss_type=[t.loss_type] if isinstance(t.loss_type, str) else list(t.loss_type),
+        loss_weights=t.loss_weights,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps

@@ -221,3 +221,14 @@ def test_sigkill_mid_save_then_resume_finishes(tmp_path):
     summary = json.loads((tmp_path / "run" / "round-0" / "adapter" / "train_summary.json").read_text())
     assert summary["global_step"] == 12
     assert (tmp_path / "run" / "round-0" / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_dpo_plus_sft_term_trains(tmp_path):
+    """train.loss_type=[sigmoid, sft] (DPO with an SFT term on chosen, weighted): a real run reports both."""
+    model = _setup(tmp_path)
+    cfg = _cfg(tmp_path, model, "train.max_steps=3", "train.loss_type=[sigmoid, sft]", "train.loss_weights=[1.0, 0.5]")
+    result = train(cfg)
+    assert result.global_step == 3 and result.status == "completed"
+    losses = _losses(result.train_dir)
+    # pure DPO starts at ln 2 = 0.6931 (PINNED_LOSSES); the SFT term adds 0.5 x chosen's NLL on top
+    assert losses[0] > PINNED_LOSSES[0] + 0.1 and all(x == x for x in losses)

@@ -34,3 +34,10 @@ def test_pair_inputs_are_checked_before_any_server_starts(tmp_path, content, mat
     cfg = load_config(None, [f"pairs.constitution={tmp_path / 'nowhere'}"])
     with pytest.raises(ConfigError, match="constitution"):
         validate_pipeline(cfg, None)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in
+                                        (__import__("pathlib").Path(__file__).parents[2] / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    validate_pipeline(cfg, None)  # everything but the model dir, which may live on another machine
