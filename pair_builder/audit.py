@@ -281,10 +281,11 @@ def labelled_table(ev: dict[str, Any]) -> str:
 
 
 def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pairs: float = 0.0, seed: int = 0,
-                  min_overlap: float | None = 0.2) -> dict[str, Any]:
+                  min_overlap: float | None = 0.2, records: bool = False) -> dict[str, Any]:
     """What :mod:`pair_builder.extras` adds to a built round, replayed on its ``.meta/candidates.jsonl``
     (written with ``pairs.record_candidates``) without a server: the extra pairs by kind and the habit balance
-    (:func:`pair_builder.extras.habit_balance`) of the checker pairs alone and with the extras."""
+    (:func:`pair_builder.extras.habit_balance`) of the checker pairs alone and with the extras; with ``records``,
+    the extra pairs themselves too (no reference log-probs)."""
     import pyarrow.parquet as pq
 
     from pair_builder.extras import habit_balance, item_extras, select_extras
@@ -296,7 +297,7 @@ def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pa
     path = d / ".meta" / "candidates.jsonl"
     if not path.exists():
         raise SystemExit(f"{path} not found: build the round with pairs.record_candidates=true to replay it")
-    records = {r["id"]: r for shard in sorted(d.glob("shard-*.parquet")) for r in pq.read_table(shard).to_pylist()}
+    checker = {r["id"]: r for shard in sorted(d.glob("shard-*.parquet")) for r in pq.read_table(shard).to_pylist()}
     entries = []
     for line in path.read_text().splitlines():
         row = json.loads(line)
@@ -304,20 +305,20 @@ def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pa
                                                       "critique", "verdict", "problem", "overlap")},
                            passed=list(c["passed"])) for c in row["candidates"]]
         cons = [Constraint(**c) for c in row["constraints"]]
-        kept = (row["chosen"], row["rejected"]) if row["id"] in records else None
+        kept = (row["chosen"], row["rejected"]) if row["id"] in checker else None
         xs = item_extras(cands, kept=kept, constraint_ids=[c.id for c in cons],
                          check=lambda t, ins=row["instruction"], cs=cons: check_text(t, ins, cs),
                          relevance=Relevance(min_overlap=min_overlap))
-        base = records.get(row["id"], {"prompt": "", "constraints": json.dumps(row["constraints"])})
+        base = checker.get(row["id"], {"prompt": "", "constraints": json.dumps(row["constraints"])})
         entries.append({"id": row["id"], "extras": [
             {"kind": x["kind"], "record": {**base, "chosen": x["chosen"], "rejected": x["rejected"],
                                            "principle_id": x["kind"]}} for x in xs]})
-    extras = select_extras(entries, records, habit_contrast=habit_contrast, stop_pairs=stop_pairs, seed=seed)
-    return {"pairs": len(records), "items": len(entries),
+    extras = select_extras(entries, checker, habit_contrast=habit_contrast, stop_pairs=stop_pairs, seed=seed)
+    return {"pairs": len(checker), "items": len(entries), **({"records": extras} if records else {}),
             "candidates": dict(Counter(x["kind"] for e in entries for x in e["extras"]).most_common()),
             "extras": dict(Counter(r["principle_id"] for r in extras).most_common()),
-            "balance_pairs": habit_balance(list(records.values())),
-            "balance_with_extras": habit_balance([*records.values(), *extras])}
+            "balance_pairs": habit_balance(list(checker.values())),
+            "balance_with_extras": habit_balance([*checker.values(), *extras])}
 
 
 def main(argv: list[str] | None = None) -> int:
