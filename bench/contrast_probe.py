@@ -6,14 +6,17 @@
 From a built round (its pairs, with ``.meta/candidates.jsonl``, and its eval's results on the official IFEval):
   * arm A trains on the ``n`` checker pairs that reward all-lowercase where the instruction asked for it;
   * arm B trains on the same pairs plus ``n`` habit-contrast pairs (pair_builder.extras: a cased answer of an
-    instruction that did not ask, against itself lowercased).
+    instruction that did not ask, against itself lowercased);
+  * arm H adds half as many contrasts as arm B;
+  * arm C adds, on the asked side, minimal pairs too: each checker pair's cased rejected answer lowercased, against
+    itself. Both sides then differ only in case, and only the instruction tells them apart.
 Both train a fresh LoRA from the base with the same settings (TRL's reference pass; no supplied log-probs).
 The probe needs no generation: on the round's eval answers that are cased, it scores each text X and lower(X)
 under the base and each arm, and reports the shift of the per-token log-likelihood ratio
     d = [log p(lower X) - log p(X)] / tokens,   shift = d(arm) - d(base)
 averaged separately over prompts that asked for lowercase and prompts that did not. A habit learned everywhere
-raises the shift on both; a habit learned on request raises it where asked only. Prints arm A (the baseline),
-arm B, and B's unasked shift as a ratio of A's.
+raises the shift on both; a habit learned on request raises it where asked only. Prints each arm's shifts and
+their difference (asked minus not asked: the condition learned), arm A being the baseline.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def main() -> int:
     ap.add_argument("--probes", type=int, default=30, help="eval answers per side (asked / not asked)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--arms", default="A,B,C", help="A: lowercase pairs; B: + as many contrasts; C: B + asked-side minimal "
+                    "pairs; H: + half as many contrasts")
     args = ap.parse_args()
 
     import pandas as pd
@@ -115,7 +120,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = AutoModelForCausalLM.from_pretrained(base).eval()
         base_d = {side: _mean_shift(model, tok, texts, None)[0] for side, texts in probes.items()}
-        for arm, rows in (("A", lower), ("B", lower + contrasts)):
+        # arm C: minimal pairs on both sides - where lowercase was asked, the cased rejected answer lowercased
+        # against itself; where it was not, the contrasts of arm B
+        asked = [{**r, "id": r["id"] + "-asked", "chosen": r["rejected"].lower(), "principle_id": "contrast:asked"}
+                 for r in lower if r["rejected"].lower() != r["rejected"]]
+        arms = {"A": lower, "B": lower + contrasts, "C": lower + contrasts + asked,
+                "H": lower + contrasts[: len(contrasts) // 2]}
+        for arm, rows in ((a, arms[a]) for a in args.arms.split(",")):
             root = Path(tmp) / arm
             pairs = root / "run" / "round-0" / "pairs"
             pairs.mkdir(parents=True)
@@ -133,12 +144,12 @@ def main() -> int:
             print(f"arm {arm}: {res.global_step} steps in {time.monotonic() - t0:.0f} s; shift of "
                   f"log p(lower)/p(cased) per token: asked {results[arm]['asked']:+.4f}, "
                   f"not asked {results[arm]['unasked']:+.4f}", flush=True)
-    a, b = results["A"], results["B"]
-    print(f"\nbaseline (arm A, lowercase pairs only): asked {a['asked']:+.4f}, not asked {a['unasked']:+.4f}")
-    print(f"arm B (+ contrasts):                    asked {b['asked']:+.4f}, not asked {b['unasked']:+.4f}")
-    if a["unasked"]:
-        print(f"not-asked shift, B / A: {b['unasked'] / a['unasked']:.2f} (below 1: the contrast kept the habit "
-              "from spreading)")
+    print()
+    for arm, r in results.items():
+        print(f"arm {arm}: asked {r['asked']:+.4f}, not asked {r['unasked']:+.4f}, asked - not asked "
+              f"{r['asked'] - r['unasked']:+.4f} (the condition learned; 0 = none)")
+    if "A" in results and "B" in results and results["A"]["unasked"]:
+        print(f"not-asked shift, B / A: {results['B']['unasked'] / results['A']['unasked']:.2f}")
     return 0
 
 

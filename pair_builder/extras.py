@@ -21,8 +21,11 @@ entry; at the end of a build :func:`select_extras` takes, over the whole round,
 
 * ``stop_pairs`` stop pairs per checker pair;
 * per habit, ``habit_contrast`` contrast pairs for every pair (checker or stop) that pushes the habit up
-  (chosen shows it, rejected does not: :func:`rewarded_habits`) beyond the pairs that push it down, so that
-  overall the habit is rewarded no more than it is penalized: what is left is "when asked";
+  (chosen shows it, rejected does not: :func:`rewarded_habits`) beyond the pairs that push it down. A contrast
+  is a minimal pair (only the habit differs), and it pushes much harder than a checker pair: on gemma3-270m,
+  one contrast per lowercase checker pair turned lowercase down everywhere, where asked too, and half as many
+  still did; no mix taught "only when asked" at that scale (``bench/contrast_probe.py``). So the default,
+  0.25, aims at a net push near zero: the habit is not taught everywhere;
 
 each in a fixed order from the item id (the same pairs on every rerun), and :func:`write_extras` writes them
 atomically as ``extras.parquet`` beside the shards. It is derived data: rebuilt whole after every build. An

@@ -319,11 +319,12 @@ class PairsConfig(Section):
                                           "all-uppercase when its instruction did not ask for it (and rejected is "
                                           "not): such pairs teach the habit everywhere (measured on gemma3-270m: "
                                           "unrequested lowercase 1.8% -> 16.4% after one round).")
-    habit_contrast: float = Field(1.0, ge=0.0, description="Habit-contrast pairs per checker pair that rewards a "
-                                  "habit (all-lowercase, all-uppercase, no commas): the same chosen answer of another "
-                                  "item that did not ask for it, against itself with the habit applied "
-                                  "(pair_builder.extras). 1.0 balances them: the habit is rewarded only where asked. "
-                                  "0 = off.")
+    habit_contrast: float = Field(0.25, ge=0.0, description="Habit-contrast pairs (an answer to an instruction that "
+                                  "did not ask for all-lowercase / all-uppercase / no commas, against itself with the "
+                                  "habit applied; pair_builder.extras) per pair that pushes a habit up beyond those "
+                                  "that push it down. A contrast pushes far harder than a checker pair: on gemma3-270m "
+                                  "one per lowercase pair turned lowercase down everywhere, asked or not "
+                                  "(bench/contrast_probe.py, docs/training.md); 0.25 is near neutral. 0 = off.")
     stop_pairs: float = Field(0.0, ge=0.0, description="Stop pairs per checker pair: a finished answer against a "
                               "looping or truncated one of the same instruction that passes no more constraints "
                               "(pair_builder.extras). For base models that loop to the token limit; 0 = off.")
