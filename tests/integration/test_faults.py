@@ -126,3 +126,60 @@ def test_pair_builder_against_a_server_that_stalls_from_the_start_exits_3(sim, t
     r = _pair_builder(s.url, tmp_path, "client.max_retries=0")
     assert r.returncode == 3, r.stderr[-3000:]
     assert "answers /health but not a completion request" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_short_outage_is_ridden_out_by_the_retries(sim, tmp_path):
+    """The server dies mid-eval and is back on the same port within the client's retry window: the eval finishes
+    by itself, every prompt answered once."""
+    import threading
+
+    port = free_port()
+    s = sim("--tokens-per-s", "8", port=port)  # ~1 s an answer: the eval is mid-way when the server dies
+    restarted: list[Sim] = []
+
+    def outage() -> None:
+        time.sleep(4.0)  # the eval's start-up (~2.5 s) and an answer or two
+        s.stop()
+        time.sleep(2.0)
+        restarted.append(sim(port=port))
+
+    t = threading.Thread(target=outage)
+    t.start()
+    r, _ = _eval(s.url, tmp_path / "ev", "client.max_retries=6", "client.stall_timeout_s=60")
+    t.join()
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == N_PROMPTS and len({x["request_key"] for x in rows}) == N_PROMPTS
+    served_after = json.loads(__import__("urllib.request").request.urlopen(restarted[0].url + "/stats").read())
+    assert served_after["requests"] >= 1  # some answers did come from the restarted server
+
+
+def test_a_short_outage_mid_pair_building_is_ridden_out(sim, tmp_path):
+    """The server dies while pair_builder's items are in flight and is back within the retry window: the job
+    finishes by itself (exit 0), every item done once."""
+    import threading
+
+    port = free_port()
+    s = sim("--tokens-per-s", "8", port=port)
+    restarted: list[Sim] = []
+    marker = tmp_path / "runs" / "f" / "round-0" / "pairs" / ".meta" / "manifest.json"
+
+    def outage() -> None:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:  # the job has connected and started writing
+            time.sleep(0.1)
+        time.sleep(3.0)
+        s.stop()
+        time.sleep(2.0)
+        restarted.append(sim(port=port))
+
+    t = threading.Thread(target=outage)
+    t.start()
+    r = _pair_builder(s.url, tmp_path, "client.max_retries=6", "client.stall_timeout_s=120")
+    t.join()
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = [json.loads(x) for x in (tmp_path / "runs" / "f" / "round-0" / "pairs" / ".meta" / "done.jsonl")
+            .read_text().splitlines()]
+    assert len(done) == len({d["id"] for d in done}) == 8 and not any(d.get("error") for d in done)
+    served_after = json.loads(__import__("urllib.request").request.urlopen(restarted[0].url + "/stats").read())
+    assert served_after["requests"] >= 1
