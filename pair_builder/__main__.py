@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ from shared.config import Config, ConfigError, add_config_args, config_from_args
 from shared.ledger import CostLedger
 from shared.log import setup_logging
 from shared.modeldir import eos_token
+from shared.procs import supervised
 from shared.records import content_hash
 from shared.rundir import RunDir
 
@@ -276,10 +278,19 @@ def run(cfg: Config) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run()'s finally: the shard flushed, Ray shut down
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pair_builder", description=__doc__.split("\n")[0])
     add_config_args(parser)
     args = parser.parse_args(argv)
+    if argv is None:  # the command line: the work runs in a supervised child (shared.procs.supervised)
+        rc = supervised("pair_builder", sys.argv[1:])
+        if rc is not None:
+            return rc
+        signal.signal(signal.SIGTERM, _terminated)
     setup_logging()
     try:
         cfg = config_from_args(args)

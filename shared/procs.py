@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +58,44 @@ def stop_group(proc: subprocess.Popen, grace: float, name: str = "child") -> Non
             log.warning("%s did not stop within %.0f s; killing it", name, grace)
     kill_leftovers(proc.pid)
     proc.wait()
+
+
+SUPERVISED_ENV = "SELFALIGN_SUPERVISED"
+SUPERVISED_STOP_GRACE_S = 20.0  # less than the pipeline's grace for a stage, so the supervisor cleans up itself
+
+
+def supervised(module: str, argv: list[str]) -> int | None:
+    """Run ``python -m module argv`` as a child in a process group of its own and wait for it, unless this
+    process already is that child (then None: go on and do the work).
+
+    For a command that starts a local Ray: a SIGKILL of the driver leaves Ray's agents behind, and a SIGKILL
+    of this supervisor leaves nothing else to clean up. So the child dies with the supervisor (it gets SIGTERM
+    and shuts Ray down), SIGINT/SIGTERM are passed on to it, and whatever is left in its group when it ends
+    (the agents of a killed driver) is killed. Returns the child's exit code."""
+    if os.environ.get(SUPERVISED_ENV) == "1":
+        return None
+    proc = subprocess.Popen([sys.executable, "-m", module, *argv], env={**os.environ, SUPERVISED_ENV: "1"},
+                            start_new_session=True, preexec_fn=die_with_parent)
+    asked: list[float] = []  # when a stop was passed on
+
+    def forward(signum: int, frame: object) -> None:
+        asked.append(time.monotonic())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if asked and time.monotonic() - asked[0] > SUPERVISED_STOP_GRACE_S:
+                    log.warning("%s did not stop within %.0f s; killing it", module, SUPERVISED_STOP_GRACE_S)
+                    kill_leftovers(proc.pid)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if kill_leftovers(proc.pid):
+            log.warning("%s left processes behind (a killed driver's Ray agents); killed them", module)
+    return rc

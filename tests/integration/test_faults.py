@@ -183,3 +183,69 @@ def test_a_short_outage_mid_pair_building_is_ridden_out(sim, tmp_path):
     assert len(done) == len({d["id"] for d in done}) == 8 and not any(d.get("error") for d in done)
     served_after = json.loads(__import__("urllib.request").request.urlopen(restarted[0].url + "/stats").read())
     assert served_after["requests"] >= 1
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _group(pgid: int) -> list[int]:
+    import os
+
+    members = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getpgid(int(d.name)) == pgid:
+                    members.append(int(d.name))
+            except (OSError, ProcessLookupError):
+                pass
+    return members
+
+
+@pytest.mark.parametrize("victim", ["command", "driver"])
+def test_sigkill_of_pair_builder_leaves_no_ray_behind(sim, tmp_path, victim):
+    """`python -m pair_builder` runs its work in a supervised child with its own local Ray. SIGKILL of the command
+    (the child then gets SIGTERM and shuts Ray down) or of the driver itself (the command then kills what its
+    group left: Ray's agents) leaves no process of it running."""
+    import os
+    import signal
+
+    s = sim("--tokens-per-s", "4")
+    ins = tmp_path / "ins.jsonl"
+    ins.write_text("".join(json.dumps({"id": f"i{i}", "instruction": f"Describe topic number {i} for a child."})
+                           + "\n" for i in range(8)))
+    proc = subprocess.Popen([sys.executable, "-m", "pair_builder", f"run.root={tmp_path / 'runs'}", "run.name=f",
+                             f"pairs.servers=[{s.url}]", "pairs.sources=[file]", f"pairs.input_file={ins}",
+                             "pairs.no_constraint_rule=prefer_rewrite", "pairs.k=2", "pairs.max_tokens=16",
+                             "pairs.critique_max_tokens=16", "pairs.eos_token=EOS", "pairs.progress=false",
+                             "pairs.dedupe_threshold=0.95"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        manifest = tmp_path / "runs" / "f" / "round-0" / "pairs" / ".meta" / "manifest.json"
+        deadline = time.monotonic() + 120
+        while not manifest.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert manifest.exists(), "pair_builder did not start its work"
+        time.sleep(3)  # Ray's agents are up
+        [driver] = _children(proc.pid)
+        group = _group(driver)
+        assert len(group) > 2, group  # the driver, Ray's GCS, raylet, agents...
+        os.kill(proc.pid if victim == "command" else driver, signal.SIGKILL)
+        if victim == "driver":
+            proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while (left := _group(driver)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"left running after SIGKILL of the {victim}: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
