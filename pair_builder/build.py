@@ -106,9 +106,9 @@ def build_item(client: Any, instruction: Instruction, principle: Principle, *, s
         # Deterministic (e.g. prompt + max_tokens over the context length): retrying cannot help, so it is a drop.
         log.warning("item %s: server rejected a request: %s", iid, e)
         result.update(kept=False, reason="bad_request", record=None, bad_request=str(e)[:300])
-    except openai.APIError as e:
-        # Transient after the client's retries (connection, timeout, 5xx): not marked done, so a resubmitted
-        # job retries the item.
+    except (openai.APIError, json.JSONDecodeError) as e:
+        # Transient after the client's retries (connection, timeout, 5xx, a body that is not JSON): not marked
+        # done, so a resubmitted job retries the item.
         log.warning("item %s failed: %s", iid, e)
         result.update(kept=False, reason="request_error", record=None, error=f"{type(e).__name__}: {e}")
     except ValueError as e:

@@ -249,3 +249,12 @@ def test_sigkill_of_pair_builder_leaves_no_ray_behind(sim, tmp_path, victim):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_pair_builder_against_a_server_answering_garbage_fails_its_items_cleanly(sim, tmp_path):
+    s = sim("--fault", "garbage", "--fault-after", "1")  # the probe is answered, then every body is not JSON
+    r = _pair_builder(s.url, tmp_path, "client.max_retries=0")
+    assert r.returncode == 4, r.stderr[-3000:]  # items failed: not done, a resubmission retries them
+    assert "resubmit the same command to retry only those" in r.stderr and "Traceback" not in r.stderr
+    done = tmp_path / "runs" / "f" / "round-0" / "pairs" / ".meta" / "done.jsonl"
+    assert not done.exists() or not done.read_text().strip()  # nothing marked done that was not
