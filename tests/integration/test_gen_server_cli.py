@@ -244,3 +244,40 @@ def test_missing_model_dir_exits_2_with_the_fix():
     res = run_cli(["--model", "/nonexistent/model", "--backend", "vllm"], cli_env())
     assert res.returncode == 2
     assert "/nonexistent/model" in res.stderr and "model directory" in res.stderr and "smollm2-135m" in res.stderr
+
+
+def test_vllm_dies_with_a_sigkilled_gen_server(tmp_path, model_dir):
+    """vLLM runs in a session of its own (a Ctrl-C reaches it once), so nothing signals it as a group when
+    gen_server is SIGKILLed: it must die with its parent (PR_SET_PDEATHSIG) and not hold the GPU."""
+    fake = fake_vllm(tmp_path / "fake", SERVING_SERVER)
+    record = tmp_path / "record.json"
+    env = cli_env(fake, FAKE_VLLM_RECORD=str(record), GEN_SERVER_API_KEY="k")
+    proc = subprocess.Popen([sys.executable, "-m", "gen_server", "--model", str(model_dir), "--backend", "vllm",
+                             "--port", str(free_port()), "--log-file", str(tmp_path / "vllm.log")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child_pid = None
+    try:
+        deadline = time.monotonic() + 30
+        while not record.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the fake vLLM never started"
+            time.sleep(0.1)
+        child_pid = json.loads(record.read_text())["pid"]
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.kill(child_pid, 0)
+        assert json.loads(record.read_text())["signal"] == "SIGTERM"  # told to stop, not killed outright
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if child_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child_pid, signal.SIGKILL)
