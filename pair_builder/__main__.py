@@ -53,7 +53,7 @@ from shared.config import Config, ConfigError, add_config_args, config_from_args
 from shared.ledger import CostLedger
 from shared.log import setup_logging
 from shared.modeldir import eos_token
-from shared.procs import supervised
+from shared.procs import kill_own_group, supervised
 from shared.records import content_hash
 from shared.rundir import RunDir
 
@@ -291,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         if rc is not None:
             return rc
         signal.signal(signal.SIGTERM, _terminated)
+        try:
+            return _main(args)
+        finally:
+            kill_own_group()  # this child leads its group: whatever Ray left in it goes with it
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     setup_logging()
     try:
         cfg = config_from_args(args)

@@ -60,6 +60,21 @@ def stop_group(proc: subprocess.Popen, grace: float, name: str = "child") -> Non
     proc.wait()
 
 
+def kill_own_group() -> int:
+    """SIGKILL every other process in this process's group (the last thing a supervised child does: a local Ray
+    it started may leave agents behind even after ``ray.shutdown``, and nothing else would end them when the
+    supervisor is gone). Returns how many were signalled."""
+    me, pgid, n = os.getpid(), os.getpgid(0), 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        with contextlib.suppress(OSError, ProcessLookupError):
+            if os.getpgid(int(d)) == pgid:
+                os.kill(int(d), signal.SIGKILL)
+                n += 1
+    return n
+
+
 SUPERVISED_ENV = "SELFALIGN_SUPERVISED"
 SUPERVISED_STOP_GRACE_S = 20.0  # less than the pipeline's grace for a stage, so the supervisor cleans up itself
 
