@@ -159,6 +159,16 @@ def test_vllm_never_healthy_is_stopped_after_the_timeout(tmp_path, model_dir):
     assert time.monotonic() - t0 < 30
 
 
+def _kill(proc: subprocess.Popen, child_pid: int | None) -> None:
+    """Teardown: gen_server and its (fake) vLLM child are gone, however the test ended."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if child_pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child_pid, signal.SIGKILL)
+
+
 def test_vllm_serves_gets_mapped_args_and_sigterm_is_forwarded(tmp_path, model_dir):
     fake = fake_vllm(tmp_path / "fake", SERVING_SERVER)
     record = tmp_path / "record.json"
@@ -225,12 +235,7 @@ def test_vllm_serves_gets_mapped_args_and_sigterm_is_forwarded(tmp_path, model_d
         with pytest.raises(ProcessLookupError):
             os.kill(child_pid, 0)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if child_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child_pid, signal.SIGKILL)
+        _kill(proc, child_pid)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
@@ -275,9 +280,4 @@ def test_vllm_dies_with_a_sigkilled_gen_server(tmp_path, model_dir):
             os.kill(child_pid, 0)
         assert json.loads(record.read_text())["signal"] == "SIGTERM"  # told to stop, not killed outright
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if child_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child_pid, signal.SIGKILL)
+        _kill(proc, child_pid)
