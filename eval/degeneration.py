@@ -100,6 +100,26 @@ def is_looping(text: str, *, min_words: int = 12) -> bool:
     return repeated_ngram_share(toks, 4) > 0.5
 
 
+_SENTENCE = re.compile(r"[^.!?\n]+")
+
+
+def repeats_sentence(text: str, *, min_words: int = 2) -> bool:
+    """True when a sentence or line, or a clause within one, of at least ``min_words`` words comes back in
+    ``text`` (case, numbers and punctuation aside). "I sleep well, I sleep well, I sleep well." is too short
+    for :func:`is_looping`'s floor but is no answer to learn from. List items that share a frame pass."""
+    seen: set[tuple[str, ...]] = set()
+    for part in _SENTENCE.findall(text):
+        clauses = [c for c in (tuple(_loop_tokens(x)) for x in part.split(",")) if len(c) >= min_words]
+        if len(clauses) != len(set(clauses)):
+            return True
+        toks = tuple(_loop_tokens(part))
+        if len(toks) >= min_words:
+            if toks in seen:
+                return True
+            seen.add(toks)
+    return False
+
+
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct-n over a set of responses: unique n-grams / all n-grams (higher = more varied)."""
     total, seen = 0, set()

@@ -45,7 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eval.degeneration import LOWERCASE_ID, NO_COMMA_ID, UPPERCASE_ID, profile, words
+from eval.degeneration import LOWERCASE_ID, NO_COMMA_ID, UPPERCASE_ID, profile, repeats_sentence, words
 from pair_builder.sample import Candidate
 from pair_builder.verify import Relevance, unrequested_habit
 from shared.atomic import atomic_write_bytes
@@ -77,14 +77,15 @@ def stop_pair(cands: list[Candidate], *, relevance: Relevance = Relevance(),
               constraint_ids: Sequence[str] = ()) -> tuple[int, int] | None:
     """(finished, degenerate) candidate indices for a stop pair, or None.
 
-    Finished: no problem, relevant, at least :data:`STOP_MIN_WORDS` words, no unrequested case habit the
+    Finished: no problem, relevant, at least :data:`STOP_MIN_WORDS` words, no sentence or clause said twice
+    (:func:`eval.degeneration.repeats_sentence`: a loop too short to be caught), no unrequested case habit the
     degenerate one lacks; it passes every constraint the degenerate one passes. Among those, the one passing
     most constraints (then a rewrite, then the earlier); against it the looping candidate before a merely
     truncated one, then the one passing fewest.
     """
     bad = [i for i, c in enumerate(cands) if c.problem in DEGENERATE and c.text.strip()]
     good = [i for i, c in enumerate(cands) if c.problem is None and relevance.ok(c)
-            and len(words(c.text)) >= STOP_MIN_WORDS]
+            and len(words(c.text)) >= STOP_MIN_WORDS and not repeats_sentence(c.text)]
     options = [(g, b) for g in good for b in bad if _weakly_dominates(cands[g].passed, cands[b].passed)
                and cands[g].text.strip() != cands[b].text.strip()
                and not unrequested_habit(cands[g].text, cands[b].text, constraint_ids)]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval.degeneration import distinct_n, flat, is_looping, profile, quantile, summarize, words
+from eval.degeneration import distinct_n, flat, is_looping, profile, quantile, repeats_sentence, summarize, words
 
 SHAKER_LOOP = ("Here are some fun ideas for ice cubes at a party:\n"
                "* ice cube in the shape of a star\n* ice cube in the shape of a heart\n"
@@ -134,3 +134,15 @@ def test_quantile():
     assert quantile([10], 0.9) == 10
     assert quantile(list(range(11)), 0.9) == 9
     assert quantile([], 0.5) == 0.0
+
+
+@pytest.mark.parametrize(("text", "repeats"), [
+    ("I sleep well, I sleep well, I sleep well.", True),   # one clause three times in one sentence
+    ("Go home. Go home.", True),
+    ("1. Eat well.\n2. Eat well.", True),                  # numbering aside, the same item twice
+    ("Sleep is important. It helps you rest, and it helps you heal.", False),
+    ("* Use salt.\n* Use pepper.\n* Use oil.", False),     # items sharing a frame
+    ("Yes. Yes.", False),                                   # one-word sentences are below the floor
+])
+def test_repeats_sentence(text, repeats):
+    assert repeats_sentence(text) is repeats

@@ -46,6 +46,15 @@ def test_stop_pair_prefers_a_finished_answer_over_a_loop():
     assert stop_pair([cand(PROSE.lower()), cand(PROSE + " Again. " * 20, (), "looping")]) is None
 
 
+def test_stop_pair_chosen_says_nothing_twice():
+    # a real stop-pair chosen replayed from the first GPU round's candidates (gemma3-270m): a loop too short
+    # for is_looping's word floor, against a long loop - it would teach "say it three times, then stop"
+    loop = "I sleep well. " * 40
+    assert stop_pair([cand("I sleep well, I sleep well, I sleep well."), cand(loop, (), "looping")]) is None
+    assert stop_pair([cand("Sleep well. Go to bed early.\nSleep well."), cand(loop, (), "looping")]) is None
+    assert stop_pair([cand(PROSE), cand(loop, (), "looping")]) == (0, 1)
+
+
 def test_contrasts_apply_only_unrequested_habits_the_text_lacks():
     c = contrasts(PROSE, ())
     assert set(c) == {"lowercase", "uppercase", "no_comma"}
