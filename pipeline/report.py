@@ -133,7 +133,7 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
                   f"a few letters; no_comma: answers over 20 words; long: over {cfg.eval.long_answer_words} words, "
                   f"prompts without a length instruction). Round k>0 is promoted only if its gate metric rose and "
                   f"its guards pass: truncation +{g.max_truncation_rise}, loops +{g.max_loop_rise}, each habit "
-                  f"+{g.max_habit_rise} over round 0, median length <= {g.max_length_ratio}x round 0's, held-out "
+                  f"+{g.max_habit_rise} over round 0, median length within {g.max_length_ratio}x of round 0's (either way), held-out "
                   f"score not below round 0's or the previous round's by more than {g.heldout_tolerance}."),
             ("table", (["round", "truncated", "looping", "lowercase", "uppercase", "no comma", "long", "distinct-1",
                         "distinct-2", "words median / p90 / mean", "guards"], rows)),

@@ -4,8 +4,8 @@ GPU is free before training), trains ``round-k/adapter`` and merges ``round-k/me
 
 Stopping rules, checked after each eval: regression (round k significantly worse than k-1 by eval's paired
 bootstrap: model_k is not promoted); a failed promotion guard (``pipeline.guards``: degeneration - truncation,
-loops, unrequested habits, median length - beyond its bound of round 0's, or the score on the held-out
-instruction types below round 0's or round k-1's: model_k is not promoted); target reached (``eval.target``
+loops, unrequested habits, median length, longer or shorter - beyond its bound of round 0's, or the score on the
+held-out instruction types below round 0's or round k-1's: model_k is not promoted); target reached (``eval.target``
 on ``eval.gate_metric``); plateau (gain below ``pipeline.min_gain``); budget spent (``cost.budget_usd``); max
 rounds. A round that is not promoted hands over to the best earlier round that passed.
 
@@ -138,6 +138,9 @@ def guard_failures(cfg: Config, rd: RunDir, k: int, measures: Any = None) -> lis
         if b > g.max_length_ratio * max(a, 1.0) + 1e-9:
             fails.append(f"words_median {b:.0f} vs {a:.0f} in round 0 ({b / max(a, 1.0):.1f}x > "
                          f"pipeline.guards.max_length_ratio={g.max_length_ratio})")
+        elif max(b, 1.0) * g.max_length_ratio < a - 1e-9:
+            fails.append(f"words_median {b:.0f} vs {a:.0f} in round 0 (1/{a / max(b, 1.0):.1f}x < "
+                         f"1/pipeline.guards.max_length_ratio=1/{g.max_length_ratio})")
     level = "loose" if cfg.eval.gate_metric.endswith("loose") else "strict"
     hk = (get(k)["heldout"] or {}).get(level)
     if hk is None:

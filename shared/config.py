@@ -364,7 +364,9 @@ class GuardsConfig(Section):
                                   "comma-free, over eval.long_answer_words; each over prompts that did not ask for "
                                   "it) may exceed round 0's share by at most this.")
     max_length_ratio: float = Field(2.0, ge=1.0, description="Median answer length (words) may be at most this "
-                                    "multiple of round 0's.")
+                                    "multiple of round 0's, and at least round 0's divided by it: rounds that "
+                                    "teach 'write long' or 'say little' (stop pairs alone taught a base model to "
+                                    "answer in 11 words, from 26) are both refused.")
     heldout_tolerance: float = Field(0.0, ge=0.0, description="The held-out-type score (instruction level, loose or "
                                      "strict as the gate metric) may fall at most this below round 0's and the "
                                      "previous round's. 0 refuses any drop, noise included: on a small suite, "

@@ -159,6 +159,9 @@ def test_guards_pass_a_healthy_gain(tmp_path, base_dir):
      "pipeline.guards.max_habit_rise=0.4"),
     ({"text": LONG}, ["words_median 173 vs 70 in round 0 (2.5x > pipeline.guards.max_length_ratio=2.0)"],
      "pipeline.guards.max_length_ratio=2.5"),
+    ({"text": "Tides rise and fall twice a day."}, ["words_median 7 vs 70 in round 0 (1/10.0x < "
+                                                    "1/pipeline.guards.max_length_ratio=1/2.0)"],
+     "pipeline.guards.max_length_ratio=11"),
     ({"heldout": 0.4}, ["held-out types' instruction_loose 0.400 vs 0.520 in round 0 (-0.120", "25 instructions"],
      "pipeline.guards.heldout_tolerance=0.15"),
 ])
