@@ -120,6 +120,40 @@ def repeats_sentence(text: str, *, min_words: int = 2) -> bool:
     return False
 
 
+_TOKEN_SPAN = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
+
+
+def loop_onset(text: str) -> int | None:
+    """Where the loop of a looping ``text`` has shown itself once: the character offset just past the first
+    repeat of its repeating unit (a tail that repeats a unit of words, numbers aside; else the first sentence
+    or line said again). ``text[:loop_onset(text)]`` is the answer as far as its first repetition, so a stop
+    pair can reject "starting to repeat" instead of "going on for 300 tokens", which DPO learns as "be short".
+    None when no repeated unit is found."""
+    spans = [(m.start(), m.end(), "#" if m.group().isdigit() else m.group().lower())
+             for m in _TOKEN_SPAN.finditer(text)]
+    toks = [t for _, _, t in spans]
+    period, repeats = _tail_period(toks)
+    end: int | None = None
+    if repeats >= 3:
+        start = len(toks) - period * repeats
+        while start > 0 and toks[start - 1] == toks[start - 1 + period]:
+            start -= 1
+        end = spans[start + 2 * period - 1][1]
+    else:
+        seen: set[tuple[str, ...]] = set()
+        for m in _SENTENCE.finditer(text):
+            unit = tuple(_loop_tokens(m.group()))
+            if len(unit) >= 2 and unit in seen:
+                end = m.end()
+                break
+            seen.add(unit)
+    if end is None:
+        return None
+    while end < len(text) and text[end] in ".!?,;:*)\"'":
+        end += 1
+    return end
+
+
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct-n over a set of responses: unique n-grams / all n-grams (higher = more varied)."""
     total, seen = 0, set()

@@ -239,6 +239,31 @@ async def _fetch_all(
         await client.close()
 
 
+def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, str | None]],
+                    template: BaseTemplate | None, *, heldout_types: Sequence[str], long_words: int = 300,
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score raw generations ``(text, finish_reason)`` of ``items``: per-prompt results and the scores (IFEval's
+    four accuracies, the degeneration block, the held-out types). With the base ``template``, an answer ends
+    where the model starts another turn, as in pair building: one that ran on into an invented "# Question:"
+    is scored without it, and counts as finished (the model did end it)."""
+    from eval import ifeval
+    from eval.report import degeneration_of, heldout_scores
+
+    results = []
+    for it, (response, finish) in zip(items, raw, strict=True):
+        cut = False
+        if template is not None:
+            response, cut = template.cut(response, it["prompt"])
+            finish = "stop" if cut else finish
+        r = ifeval.score_response(it, response)
+        r.update(finish_reason=finish, response=response, cut_at_new_turn=cut)
+        results.append(r)
+    scores = ifeval.aggregate(results)
+    scores["degeneration"] = degeneration_of(results, long_words)
+    scores["heldout"] = heldout_scores(results, heldout_types)
+    return results, scores
+
+
 def run_eval(
     *, base_url: str, model: str | None, api_key: str | None, suite: str = "own", out_dir: str | os.PathLike[str],
     limit: int | None = None, settings: EvalSettings = EvalSettings(), template: BaseTemplate | None = None,
@@ -253,7 +278,7 @@ def run_eval(
     default) are scored on their own; ``long_words``: the "long answer" habit's threshold. Neither changes what
     is generated, so neither is part of what the cache is for."""
     from eval import ifeval
-    from eval.report import degeneration_of, heldout_scores, write_report
+    from eval.report import write_report
     from shared.config import DEFAULT_HELDOUT_TYPES
 
     for name_, value in (("prompts_per_request", prompts_per_request), ("concurrency", concurrency),
@@ -289,22 +314,10 @@ def run_eval(
                            timeout=timeout, max_retries=max_retries, prompts_per_request=prompts_per_request,
                            stall_timeout=stall_timeout))
     gen_wall = time.perf_counter() - t0
-    results = []
-    for it, req in zip(items, reqs):
-        entry = cache.entries[req["request_key"]]
-        response, finish, cut = entry["response"], entry["finish_reason"], False
-        if settings.prompt_style == "base":
-            # The answer ends where the model starts another turn, as in pair building: an answer that ran on into
-            # an invented "# Question:" is scored without it, and counts as finished (the model did end it).
-            response, cut = tpl.cut(response, it["prompt"])
-            finish = "stop" if cut else finish
-        r = ifeval.score_response(it, response)
-        r.update(finish_reason=finish, response=response, cut_at_new_turn=cut)
-        results.append(r)
-    scores = ifeval.aggregate(results)
-    scores["degeneration"] = degeneration_of(results, long_words)
-    scores["heldout"] = heldout_scores(results, heldout_types)
     entries = [cache.entries[r["request_key"]] for r in reqs]
+    results, scores = score_responses(items, [(e["response"], e["finish_reason"]) for e in entries],
+                                      tpl if settings.prompt_style == "base" else None,
+                                      heldout_types=heldout_types, long_words=long_words)
     scores.update({
         "suite": name, "model": model, "settings": asdict(settings),
         "truncated": sum(r["finish_reason"] == "length" for r in results),

@@ -187,6 +187,11 @@ class TrainConfig(Section):
         "sigmoid", description="TRL's DPO loss, or several combined with loss_weights (e.g. [sigmoid, sft]: DPO plus "
         "an SFT term on chosen, which keeps chosen's likelihood up). Checked before any model loads.")
     loss_weights: list[float] | None = Field(None, description="One weight per loss_type entry; default 1.0 each.")
+    ld_alpha: float | None = Field(None, ge=0.0, le=1.0, description="LD-DPO (TRL's ld_alpha): the response tokens "
+                                   "past the shorter response of a pair count this much in its log-probs (0 = "
+                                   "only the shared length; None = plain DPO). Damps DPO's pull toward whichever "
+                                   "length the chosen answers have. Set, the trainer computes its own reference "
+                                   "log-probs (the supplied ones are whole-response sums).")
     learning_rate: float = Field(5e-6, gt=0.0, description="Higher learns faster but can collapse rewards.")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name (linear, cosine, constant).")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps spent warming up the LR.")

@@ -224,6 +224,7 @@ def _dpo_config(cfg: Config, backend: str, train_dir: Path, batch_size: int, has
         beta=t.beta,
         loss_type=[t.loss_type] if isinstance(t.loss_type, str) else list(t.loss_type),
         loss_weights=t.loss_weights,
+        ld_alpha=t.ld_alpha,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
@@ -385,6 +386,10 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
 
     ds = load_pairs(paths.pairs_dir)
     ref_cols = [c for c in ("ref_chosen_logps", "ref_rejected_logps") if c in ds.column_names]
+    if ref_cols and t.ld_alpha is not None:
+        log.info("train.ld_alpha=%s weighs the response tails: the pairs' summed reference log-probs do not apply, "
+                 "the trainer computes its own", t.ld_alpha)
+        ref_cols = []
     use_ref_logps = len(ref_cols) == 2
     ds, eval_ds = split_eval(ds, t.eval_split, t.seed)
     if eval_ds is None and t.eval_split > 0:

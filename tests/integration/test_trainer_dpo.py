@@ -160,6 +160,14 @@ def test_supplied_ref_logps_are_used_and_checked(tmp_path):
     pd.DataFrame(rows).to_parquet(pairs / "shard-00000.parquet")
     with pytest.raises(RefLogpsMismatch, match="ref_check_tolerance"):
         train(_cfg(tmp_path, model, "train.max_steps=2", "train.ref_check_tolerance=1e-3"))
+    # LD-DPO weighs the response tails: the supplied whole-response sums cannot be its reference, so the trainer
+    # scores its own (the off-by-0.5 values above would otherwise move the first loss away from ln 2)
+    shutil.rmtree(tmp_path / "run" / "round-0" / "train", ignore_errors=True)
+    shutil.rmtree(tmp_path / "run" / "round-0" / "adapter", ignore_errors=True)
+    result = train(_cfg(tmp_path, model, "train.max_steps=2", "train.ld_alpha=0.5"))
+    summary = json.loads((result.adapter_dir / "train_summary.json").read_text())
+    assert summary["ref_logps"] == "online" and not summary.get("ref_check")
+    assert _losses(result.train_dir)[0] == pytest.approx(0.693147, abs=1e-4)
 
 
 def test_merge_verifies_and_tampering_fails(trained, tmp_path):

@@ -7,6 +7,7 @@ from pair_builder.build import BuildSettings, build_item
 from pair_builder.extras import (
     EXTRAS_FILE,
     contrasts,
+    cut_loop,
     extras_counts,
     extras_summary,
     rewarded_habits,
@@ -30,20 +31,39 @@ def cand(text, passed=(), problem=None, route="sample", overlap=None):
                      overlap=overlap)
 
 
-def test_stop_pair_prefers_a_finished_answer_over_a_loop():
-    cs = [cand("the sea " * 50, [True], "looping"), cand("Short.", [True]), cand(PROSE, [True]),
-          cand("cut off in the middle of a long " * 10, [False], "truncated")]
-    assert stop_pair(cs) == (2, 0)  # the looping one before the merely truncated, "Short." is too short
-    # the finished answer must pass every constraint the degenerate one passes
-    cs[0].passed, cs[2].passed = [True], [False]
-    assert stop_pair(cs) == (2, 3)
+def test_stop_pair_prefers_a_finished_answer_over_a_loop_cut_at_its_first_repeat():
+    cs = [cand("The sea is wide. " + "The sea is deep. " * 50, [True], "looping"), cand("Short.", [True]),
+          cand(PROSE, [True]), cand("A wave. " * 60, [True], "truncated"),
+          cand(PROSE + " And then", [False], "truncated")]
+    # "Short." is too short; the loop is cut just past its first repeat: DPO sees "starting to repeat", not 300
+    # tokens against 25 (which it learns as "be short"). A loop that ran to the token limit counts; a truncated
+    # answer that does not loop makes no stop pair.
+    assert stop_pair(cs) == (2, 0, "The sea is wide. The sea is deep. The sea is deep.", [True])
+    # the finished answer must pass every constraint the cut loop passes; against it, the loop passing fewest
+    cs[2].passed = [False]
+    assert stop_pair(cs) is None
+    cs[3].passed = [False]
+    assert stop_pair(cs) == (2, 3, "A wave. A wave.", [False])
+    # the constraints of the cut text, when a checker is given
+    assert stop_pair(cs, check=lambda t: [t.count("wave") == 2])[:2] == (2, 0)
     # not an irrelevant answer, and not a copy / leak (any problem)
-    assert stop_pair(cs, relevance=Relevance(min_overlap=0.5)) == (2, 3)
+    assert stop_pair(cs, relevance=Relevance(min_overlap=0.5))[:2] == (2, 3)
     cs[2].overlap = 0.1
     assert stop_pair(cs, relevance=Relevance(min_overlap=0.5)) is None
     assert stop_pair([cand(PROSE, [True], "copies_example"), cand("x y " * 30, [False], "looping")]) is None
     # an all-lowercase finished answer against a cased loop would teach lowercase too
-    assert stop_pair([cand(PROSE.lower()), cand(PROSE + " Again. " * 20, (), "looping")]) is None
+    assert stop_pair([cand(PROSE.lower()), cand(PROSE + " Again and again. " * 20, (), "looping")]) is None
+
+
+def test_cut_loop_on_real_loops():
+    # rejected answers of the first GPU round's stop pairs (gemma3-270m, truncated at 384 tokens)
+    real = ("I will help you with your homework.\nhttps://en.wikipedia.org/wiki/Haiku_challenge\n" * 12,
+            "Life cycle of a butterfly - in the middle of the paper\n" * 20)
+    cut = [cut_loop(cand(t, (), "truncated"))[0] for t in real]
+    assert cut == [("I will help you with your homework.\nhttps://en.wikipedia.org/wiki/Haiku_challenge\n" * 2).strip(),
+                   "Life cycle of a butterfly - in the middle of the paper\n"
+                   "Life cycle of a butterfly - in the middle of the paper"]
+    assert cut_loop(cand(PROSE, (), "truncated")) is None and cut_loop(cand(PROSE)) is None
 
 
 def test_stop_pair_chosen_says_nothing_twice():
@@ -52,7 +72,7 @@ def test_stop_pair_chosen_says_nothing_twice():
     loop = "I sleep well. " * 40
     assert stop_pair([cand("I sleep well, I sleep well, I sleep well."), cand(loop, (), "looping")]) is None
     assert stop_pair([cand("Sleep well. Go to bed early.\nSleep well."), cand(loop, (), "looping")]) is None
-    assert stop_pair([cand(PROSE), cand(loop, (), "looping")]) == (0, 1)
+    assert stop_pair([cand(PROSE), cand(loop, (), "looping")]) == (0, 1, "I sleep well. I sleep well.", [])
 
 
 def test_contrasts_apply_only_unrequested_habits_the_text_lacks():
@@ -109,7 +129,7 @@ def test_build_item_keeps_a_stop_pair_when_the_checker_pair_is_dropped():
     res = build_item(fc, FREE_TASK, PRINCIPLE, settings=ON, template=TEMPLATE)
     assert not res["kept"]
     [stop] = [x for x in res["extras"] if x["kind"] == "stop"]
-    assert stop["record"]["chosen"] == PROSE and stop["record"]["rejected"].startswith("The sea, the sea")
+    assert stop["record"]["chosen"] == PROSE and stop["record"]["rejected"] == "The sea, the sea,"
 
 
 def _entry(iid, kept_record=None, extras=()):

@@ -1,0 +1,190 @@
+"""Do stop pairs teach "be short", and does cutting the loop fix it? One built round's pairs, several training arms,
+each scored on the official IFEval in the same run: a round in minutes on a GPU, without a server.
+
+    python bench/length_probe.py --pairs RUN/round-0/pairs [--config configs/base-gpu.yaml] [--base gemma3-270m]
+        [--arms base,built,cut,checker,ld] [--limit N] [--max-new-tokens 512] [--batch 128] [--out DIR]
+
+The first GPU round with stop pairs (whole loops of ~200 words as the rejected side, against finished answers of
+~25) cut loops from 39% to 1%, and the median answer from 26 words to 11; IFEval fell with it. The arms, each a
+fresh LoRA from the base trained with the config's ``train`` settings (the trainer scores its own reference):
+
+* ``base``: no training, the baseline;
+* ``built``: the round's checker pairs plus its extras as they were built (the run's own recipe);
+* ``cut``: the same, with each stop pair's rejected loop cut just past its first repeat
+  (:func:`pair_builder.extras.cut_loop`, what pair building does now); a stop pair whose loop is not found goes;
+* ``checker``: the checker pairs alone;
+* ``ld``: ``built`` trained with ``train.ld_alpha=0`` (LD-DPO: only the shared length of each pair counts).
+
+Generation is greedy with transformers at the served dtype (float32), cut at the template's stop strings and where
+the model starts another turn, and scored as ``python -m eval`` scores (:func:`eval.run.score_responses`). Prints,
+per arm: the four IFEval accuracies, the held-out types, median words, loop, truncation and habit rates, each with
+its difference to ``base``; writes ``DIR/ARM/results.jsonl`` (the answers, to read) and ``DIR/probe.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+REF_COLS = ("ref_chosen_logps", "ref_rejected_logps")
+ARMS = ("base", "built", "cut", "checker", "ld")
+
+
+def _rows(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return [{k: v for k, v in r.items() if k not in REF_COLS} for r in pq.read_table(path).to_pylist()]
+
+
+def arm_pairs(pairs_dir: Path, arm: str) -> tuple[list[dict], list[dict]]:
+    """(checker rows, extra rows) that ``arm`` trains on, without reference log-prob columns."""
+    from pair_builder.extras import EXTRAS_FILE, cut_loop
+    from pair_builder.sample import Candidate
+
+    checker = [r for sh in sorted(pairs_dir.glob("shard-*.parquet")) for r in _rows(sh)]
+    extras = _rows(pairs_dir / EXTRAS_FILE) if (pairs_dir / EXTRAS_FILE).exists() else []
+    if arm == "checker":
+        return checker, []
+    if arm == "cut":
+        out = []
+        for r in extras:
+            if r["principle_id"] == "stop":
+                cut = cut_loop(Candidate(text=r["rejected"], route="sample", finish_reason="length",
+                                         problem="truncated"))
+                if cut is None:
+                    continue
+                r = {**r, "rejected": cut[0]}
+            out.append(r)
+        extras = out
+    return checker, extras
+
+
+def generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch: int, stops: list[str]) -> list[tuple]:
+    """Greedy completions ``(text, finish_reason)``: "stop" at EOS or a stop string, else "length"."""
+    import torch
+    from tqdm import tqdm
+
+    tok.padding_side = "left"
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[tuple] = [("", "length")] * len(prompts)
+    for s in tqdm(range(0, len(order), batch), desc="generate", unit="batch"):
+        idx = order[s:s + batch]
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for i, row in zip(idx, gen[:, enc.input_ids.shape[1]:]):
+            ended = bool((row == tok.eos_token_id).any())
+            text = tok.decode(row, skip_special_tokens=True)
+            cuts = [text.index(x) for x in stops if x in text]
+            out[i] = (text[:min(cuts)] if cuts else text, "stop" if ended or cuts else "length")
+    return out
+
+
+def _summary(scores: dict) -> dict[str, float | None]:
+    from eval.degeneration import flat
+
+    d = flat(scores["degeneration"])
+    return {"prompt_loose": scores["prompt_loose"], "instruction_loose": scores["instruction_loose"],
+            "prompt_strict": scores["prompt_strict"], "heldout_loose": (scores["heldout"] or {}).get("loose"),
+            "words_median": d["words_median"], "loop_rate": d["loop_rate"], "truncation_rate": d["truncation_rate"],
+            "lowercase_rate": d["lowercase_rate"], "no_comma_rate": d["no_comma_rate"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=Path, required=True, help="a built round's pairs dir (shards + extras.parquet)")
+    ap.add_argument("--config", default="configs/base-gpu.yaml", help="its train settings are the arms' recipe")
+    ap.add_argument("--base", default="gemma3-270m")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--limit", type=int, default=None, help="IFEval prompts (default all 541)")
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=Path("runs/length_probe"))
+    ap.add_argument("overrides", nargs="*", help="config overrides for every trained arm (key=value)")
+    args = ap.parse_args()
+    arms = args.arms.split(",")
+    if bad := [a for a in arms if a not in ARMS]:
+        ap.error(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+
+    import pandas as pd
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.ifeval import load_ifeval_prompts
+    from eval.run import score_responses
+    from gen_server.models import resolve_model
+    from pair_builder.extras import EXTRAS_FILE
+    from shared.atomic import atomic_write_json, atomic_write_text
+    from shared.config import load_config
+    from shared.prompting import load_template
+    from trainer.dpo import train
+
+    base = resolve_model(args.base)
+    tpl = load_template()
+    items = load_ifeval_prompts(args.limit)
+    prompts = [tpl.render(it["prompt"]) for it in items]
+    stops = [*tpl.stop]
+    tok = AutoTokenizer.from_pretrained(base)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    heldout = load_config(args.config, []).eval.heldout_types
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+
+    def score(arm: str, model, info: dict) -> None:
+        t0 = time.monotonic()
+        raw = generate(model.to(device).eval(), tok, prompts, max_new_tokens=args.max_new_tokens, batch=args.batch,
+                       stops=stops)
+        rows, scores = score_responses(items, raw, tpl, heldout_types=heldout)
+        (args.out / arm).mkdir(exist_ok=True)
+        atomic_write_text(args.out / arm / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        results[arm] = {**info, "generate_s": round(time.monotonic() - t0, 1), **_summary(scores)}
+        print(f"{arm}: {json.dumps(results[arm])}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm in arms:
+            if arm == "base":
+                score(arm, AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), {"pairs": 0})
+                continue
+            checker, extras = arm_pairs(args.pairs, "built" if arm == "ld" else arm)
+            pairs = Path(tmp) / arm / "run" / "round-0" / "pairs"
+            pairs.mkdir(parents=True)
+            pd.DataFrame(checker).to_parquet(pairs / "shard-00000.parquet")
+            if extras:
+                pd.DataFrame(extras).to_parquet(pairs / EXTRAS_FILE)
+            over = [f"run.root={Path(tmp) / arm}", "run.name=run", f"train.base_model={base}", "train.report_to=[]",
+                    *(["train.ld_alpha=0.0"] if arm == "ld" else []), *args.overrides]
+            t0 = time.monotonic()
+            res = train(load_config(args.config, over))
+            train_s = time.monotonic() - t0
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                              res.adapter_dir).merge_and_unload()
+            score(arm, model, {"pairs": len(checker) + len(extras), "stop_pairs": sum(
+                r["principle_id"] == "stop" for r in extras), "steps": res.global_step, "train_s": round(train_s, 1)})
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    atomic_write_json(args.out / "probe.json", {"pairs": str(args.pairs), "config": args.config,
+                                                "overrides": args.overrides, "arms": results})
+    keys = ["prompt_loose", "instruction_loose", "heldout_loose", "words_median", "loop_rate", "truncation_rate",
+            "lowercase_rate", "no_comma_rate"]
+    print("\n| arm | pairs | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2))
+    ref = results.get("base")
+    for arm, r in results.items():
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            d = "" if ref is None or arm == "base" or v is None or ref.get(k) is None else f" ({v - ref[k]:+.3f})"
+            cells.append("n/a" if v is None else f"{v:.3f}{d}" if k != "words_median" else f"{v:.0f}{d}")
+        print(f"| {arm} | {r.get('pairs', 0)} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
