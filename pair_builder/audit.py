@@ -14,6 +14,9 @@ Defects of a pair (what the builder's filters now rule out):
 
 * ``runs_on``: chosen runs on into another turn (``# Question: ...``; :func:`shared.prompting.new_turn_at`);
 * ``copies_example``: chosen shares a run of ``COPY_SPAN`` words with a few-shot example answer;
+* ``echoes_instruction``: chosen restates its instruction's constraint sentences (a run of
+  :data:`pair_builder.verify.ECHO_SPAN` words of them, :func:`pair_builder.verify.echo_grams`); the labelled set
+  has no label of its own for it, so it is measured against "not worth learning" only;
 * ``looping``: chosen loops (:func:`eval.degeneration.is_looping`);
 * ``not_dominant``: chosen does not pass every constraint rejected passes plus one more;
 * ``truncated``: chosen hit the token limit (the done log's finish reason; without one: it ends mid-sentence
@@ -39,14 +42,14 @@ from rapidfuzz.distance import Levenshtein
 
 from eval.degeneration import is_looping
 from pair_builder.relevance import task_overlap
-from pair_builder.verify import ExampleIndex, dominates
+from pair_builder.verify import ExampleIndex, dominates, echo_grams, restates
 from shared.prompting import BaseTemplate, load_template, new_turn_at
 
 # The defaults of PairsConfig (shared/config.py), chosen on tests/assets/labelled_pairs.jsonl (--sweep).
 DEFAULT_MAX_EDIT_DISTANCE = 0.8
 DEFAULT_MIN_OVERLAP = 0.2
 MIN_PMI = 0.0  # what the audit calls irrelevant under PMI (pairs.min_pmi is off by default)
-DEFECTS = ("runs_on", "copies_example", "looping", "not_dominant", "truncated", "too_different", "irrelevant",
+DEFECTS = ("runs_on", "copies_example", "echoes_instruction", "looping", "not_dominant", "truncated", "too_different", "irrelevant",
            "irrelevant_pmi")
 # defect -> the hand label it predicts in the labelled set
 LABEL_OF = {"runs_on": "runs_on", "copies_example": "copies_example", "looping": "looping",
@@ -75,6 +78,13 @@ def task_of(instruction: str, constraints: list[dict[str, Any]]) -> str:
     return " ".join(task.split())
 
 
+def echoes(text: str, instruction: str, constraints: list[dict[str, Any]]) -> bool:
+    """Whether ``text`` restates the constraint sentences of ``instruction`` (:func:`pair_builder.verify.echo_grams`)."""
+    from shared.records import Constraint
+
+    return restates(text, echo_grams(instruction, [Constraint.model_validate(c) for c in constraints]))
+
+
 def pair_defects(pair: dict[str, Any], *, examples: ExampleIndex, template: BaseTemplate,
                  max_edit_distance: float = DEFAULT_MAX_EDIT_DISTANCE, min_overlap: float | None = DEFAULT_MIN_OVERLAP,
                  min_pmi: float | None = MIN_PMI, max_tokens: int | None = None) -> dict[str, bool | None]:
@@ -91,6 +101,7 @@ def pair_defects(pair: dict[str, Any], *, examples: ExampleIndex, template: Base
     return {
         "runs_on": new_turn_at(ch, ins, [*template.stop, "\n" + template.query_prefix.strip()]) is not None,
         "copies_example": examples.copies(ch, ins),
+        "echoes_instruction": echoes(ch, ins, pair.get("constraints") or []),
         "looping": is_looping(ch),
         "not_dominant": None if cp is None or rp is None else not dominates(list(cp), list(rp)),
         "truncated": finish == "length" if finish else looks_truncated(ch, max_tokens),
@@ -218,8 +229,9 @@ def evaluate_labelled(rows: list[dict[str, Any]], *, template: BaseTemplate | No
     out: dict[str, Any] = {"pairs": len(rows), "not_worth_learning": sum(not_worth), "filters": {}}
     for d in DEFECTS:
         pred = [bool(f.get(d)) for f in flags]
-        out["filters"][d] = {"label": LABEL_OF[d], **precision_recall(pred, [r["labels"][LABEL_OF[d]] for r in rows]),
-                             "vs_not_worth": precision_recall(pred, not_worth)}
+        label = LABEL_OF.get(d)
+        own = precision_recall(pred, [r["labels"][label] for r in rows]) if label else {}
+        out["filters"][d] = {"label": label, **own, "vs_not_worth": precision_recall(pred, not_worth)}
     on = [d for d in DEFECTS if d != "irrelevant_pmi"]  # the filters on by default
     pred_any = [any(bool(f.get(d)) for d in on) for f in flags]
     out["all_filters_vs_not_worth"] = precision_recall(pred_any, not_worth)
@@ -272,8 +284,9 @@ def labelled_table(ev: dict[str, Any]) -> str:
     fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
     for d, v in ev["filters"].items():
         w = v["vs_not_worth"]
-        lines.append(f"| {d} | {v['label']} ({v['positives']}) | {v['flagged']} | {fmt(v['precision'])} | "
-                     f"{fmt(v['recall'])} | {fmt(w['precision'])} | {fmt(w['recall'])} |")
+        label = f"{v['label']} ({v['positives']})" if v["label"] else "(no label)"
+        lines.append(f"| {d} | {label} | {w['flagged']} | {fmt(v.get('precision'))} | "
+                     f"{fmt(v.get('recall'))} | {fmt(w['precision'])} | {fmt(w['recall'])} |")
     a = ev["all_filters_vs_not_worth"]
     lines.append(f"| any filter | not worth ({a['positives']}) | {a['flagged']} | {fmt(a['precision'])} | "
                  f"{fmt(a['recall'])} | | |")

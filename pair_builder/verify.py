@@ -44,7 +44,8 @@ NoConstraintRule = Literal["drop", "critique", "prefer_rewrite"]
 PairRule = Literal["dominance", "count"]
 
 # Candidate-level problems (the candidate is not used) and item-level drop reasons (no pair kept).
-CANDIDATE_PROBLEMS = ("empty", "truncated", "query_echo", "preamble", "critique_leak", "copies_example", "looping")
+CANDIDATE_PROBLEMS = ("empty", "truncated", "query_echo", "preamble", "critique_leak", "copies_example",
+                      "echoes_instruction", "looping")
 DROP_REASONS = (
     "no_valid_candidates", "no_margin", "not_dominant", "irrelevant", "no_constraints", "no_critique_support",
     "identical", "too_short", "too_long", "length_ratio", "too_similar", "too_different", "unrequested_habit", "bad_request", "invalid_response",
@@ -113,6 +114,49 @@ def _longest_common_run(a: list[str], b: list[str]) -> int:
         prev = cur
     return best
 
+# A candidate sharing this many consecutive words with its instruction's constraint sentences restates them
+# ("SECTION 1 [content of section 1] SECTION 2 ...", "...at the end of your response, please explicitly add a
+# postscript"): it passes checkers by accident and teaches "repeat the request". On the first GPU round, 7.5% of
+# the kept pairs' chosen answers shared 8 or more words with their instruction, against 2.1% of the rejected.
+ECHO_SPAN = 5
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _strings(v)]
+    return []
+
+
+def echo_grams(instruction: str, constraints: Sequence[Constraint], span: int = ECHO_SPAN) -> set[tuple[str, ...]]:
+    """The word runs of ``instruction``'s constraint sentences that an answer must not restate: all runs of
+    ``span`` words of each constraint's description, less those the task itself holds and those of what the
+    constraints ask the answer to contain (an end phrase, keywords, a prompt to repeat: the kwargs' strings)."""
+    from eval.constraints import describe
+
+    descs = []
+    for c in constraints:
+        try:
+            descs.append(describe(c))
+        except Exception:  # noqa: BLE001 - an unknown or odd constraint: nothing to compare with
+            continue
+    grams = {g for d in descs for g in _ngrams(words(d), span)}
+    task = instruction
+    for d in descs:
+        task = task.replace(d, " ")
+    allowed = _ngrams(words(task), span)
+    for c in constraints:
+        for v in _strings(list(c.kwargs.values())):
+            allowed |= _ngrams(words(v), span)
+    return grams - allowed
+
+
+def restates(text: str, grams: set[tuple[str, ...]]) -> bool:
+    """Whether ``text`` holds any of ``grams`` (an instruction's :func:`echo_grams`)."""
+    return bool(grams) and bool(_ngrams(words(text), len(next(iter(grams)))) & grams)
+
+
 _ECHO = re.compile(r"^#\s*(query|answer)\s*:|^#\s*instructions\s*$", re.IGNORECASE | re.MULTILINE)
 _PREAMBLE = re.compile(
     r"^\W*(sure|okay|ok|certainly|of course)?[\s!,.]*"
@@ -129,8 +173,9 @@ _CHECK_LOCK = threading.Lock()
 
 
 def scaffolding_problem(c: Candidate, examples: ExampleIndex | None = None, instruction: str = "", *,
-                        looping: bool = True) -> str | None:
-    """Why ``c`` cannot be used (one of :data:`CANDIDATE_PROBLEMS`), or None."""
+                        looping: bool = True, echo: set[tuple[str, ...]] | None = None) -> str | None:
+    """Why ``c`` cannot be used (one of :data:`CANDIDATE_PROBLEMS`), or None. ``echo``: the instruction's
+    :func:`echo_grams`."""
     if not c.text.strip():
         return "empty"
     if c.finish_reason == "length":
@@ -145,6 +190,8 @@ def scaffolding_problem(c: Candidate, examples: ExampleIndex | None = None, inst
         return "critique_leak"
     if examples is not None and examples.copies(c.text, instruction):
         return "copies_example"
+    if echo and restates(c.text, echo):
+        return "echoes_instruction"
     if looping and is_looping(c.text):
         return "looping"
     return None
@@ -159,9 +206,10 @@ def check_text(text: str, instruction_text: str, constraints: list[Constraint]) 
 def score_candidates(candidates: list[Candidate], instruction_text: str, constraints: list[Constraint],
                      examples: ExampleIndex | None = None, *, looping: bool = True) -> None:
     """Fill ``passed`` (one bool per constraint, strict IFEval) and ``problem`` of every candidate."""
+    echo = echo_grams(instruction_text, constraints)
     for c in candidates:
         c.passed = check_text(c.text, instruction_text, constraints)
-        c.problem = scaffolding_problem(c, examples, instruction_text, looping=looping)
+        c.problem = scaffolding_problem(c, examples, instruction_text, looping=looping, echo=echo)
 
 
 @dataclass(frozen=True)

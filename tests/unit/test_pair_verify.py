@@ -107,3 +107,29 @@ def test_score_candidates_uses_the_eval_checkers():
     score_candidates(cs, "Say something.", cons)
     assert [c.passed for c in cs] == [[False, True], [True, True], [True, False]]
     assert [c.problem for c in cs] == [None, None, None]
+
+
+def test_a_candidate_that_restates_its_constraints_is_ruled_out():
+    # real candidates of the first GPU round (gemma3-270m): the section placeholders and the constraint sentence
+    # copied pass the section checker by accident and teach "repeat the request"
+    from pair_builder.verify import echo_grams
+    from shared.records import Constraint
+
+    sections = Constraint(id="detectable_format:multiple_sections", kwargs={"section_spliter": "PART", "num_sections": 2})
+    end = Constraint(id="startend:end_checker", kwargs={"end_phrase": "Let me know if you have additional questions."})
+    from eval.constraints import render_prompt
+
+    instruction = render_prompt("Explain how airplanes stay in the air.", [sections, end])
+    echo = echo_grams(instruction, [sections, end])
+
+    def problem(text):
+        return scaffolding_problem(Candidate(text=text, route="sample", finish_reason="stop"), None, instruction,
+                                   echo=echo)
+
+    assert problem("PART 1\n[content of section 1]\nPART 2\n[content of section 2]") == "echoes_instruction"
+    assert problem("Wings push air down. Let me know if you have additional questions.. No other words should "
+                   "follow this phrase.") == "echoes_instruction"
+    # what the constraints ask for (the end phrase) and the task's own words are no echo
+    assert problem("PART 1\nWings push air down, so the air pushes the wings up.\nPART 2\nAirplanes stay in the "
+                   "air because of lift. Let me know if you have additional questions.") is None
+    assert problem("Explain how airplanes stay in the air: the wings make lift.") is None
