@@ -2,7 +2,8 @@
 each scored on the official IFEval in the same run: a round in minutes on a GPU, without a server.
 
     python bench/length_probe.py --pairs RUN/round-0/pairs [--config configs/base-gpu.yaml] [--base gemma3-270m]
-        [--arms base,built,cut,checker,ld] [--limit N] [--max-new-tokens 512] [--batch 128] [--out DIR]
+        [--arms base,built,cut,checker,ld] [--arm "NAME SOURCE[+MOD...] [key=value ...]"]... [--limit N]
+        [--max-new-tokens 512] [--batch 128] [--out DIR]
 
 The first GPU round with stop pairs (whole loops of ~200 words as the rejected side, against finished answers of
 ~25) cut loops from 39% to 1%, and the median answer from 26 words to 11; IFEval fell with it. The arms, each a
@@ -14,6 +15,11 @@ fresh LoRA from the base trained with the config's ``train`` settings (the train
   (:func:`pair_builder.extras.cut_loop`, what pair building does now); a stop pair whose loop is not found goes;
 * ``checker``: the checker pairs alone;
 * ``ld``: ``built`` trained with ``train.ld_alpha=0`` (LD-DPO: only the shared length of each pair counts).
+
+``--arm`` adds an arm of your own, e.g. ``--arm "sft cut+noecho train.loss_type=[sigmoid,sft]"``: a name, a
+source (``built``, ``cut`` or ``checker``) with modifiers (``+noecho``: without the pairs whose chosen answer
+restates its instruction's constraint sentences, :func:`pair_builder.verify.echo_grams`; ``+stopF``: keep the
+share F of the stop pairs, e.g. ``+stop0.3``; ``+nostop``, ``+nocontrast``), then config overrides.
 
 Generation is greedy with transformers at the served dtype (float32), cut at the template's stop strings and where
 the model starts another turn, and scored as ``python -m eval`` scores (:func:`eval.run.score_responses`). Prints,
@@ -42,13 +48,37 @@ def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in REF_COLS} for r in pq.read_table(path).to_pylist()]
 
 
-def arm_pairs(pairs_dir: Path, arm: str) -> tuple[list[dict], list[dict]]:
-    """(checker rows, extra rows) that ``arm`` trains on, without reference log-prob columns."""
+BUILT_IN = {"built": "built", "cut": "cut", "checker": "checker", "ld": "built train.ld_alpha=0.0"}
+
+
+def arm_pairs(pairs_dir: Path, source: str) -> tuple[list[dict], list[dict]]:
+    """(checker rows, extra rows) that ``source`` (``built|cut|checker`` and ``+`` modifiers, see the module doc)
+    trains on, without reference log-prob columns."""
+    from pair_builder.audit import echoes
     from pair_builder.extras import EXTRAS_FILE, cut_loop
     from pair_builder.sample import Candidate
+    from shared.prompting import load_template
 
+    arm, *mods = source.split("+")
+    if arm not in ("built", "cut", "checker"):
+        raise ValueError(f"unknown source {arm!r}: built, cut or checker")
     checker = [r for sh in sorted(pairs_dir.glob("shard-*.parquet")) for r in _rows(sh)]
     extras = _rows(pairs_dir / EXTRAS_FILE) if (pairs_dir / EXTRAS_FILE).exists() else []
+    for mod in mods:
+        if mod == "noecho":
+            tpl = load_template()
+            keep = lambda r: not echoes(r["chosen"], tpl.instruction_of(r["prompt"]),  # noqa: E731
+                                        json.loads(r["constraints"] or "[]"))
+            checker, extras = [r for r in checker if keep(r)], [r for r in extras if keep(r)]
+        elif mod == "nostop" or mod.startswith("stop"):
+            share = 0.0 if mod == "nostop" else float(mod[4:])
+            stops = [r for r in extras if r["principle_id"] == "stop"]
+            drop = {r["id"] for r in stops[round(share * len(stops)):]}
+            extras = [r for r in extras if r["id"] not in drop]
+        elif mod == "nocontrast":
+            extras = [r for r in extras if not r["principle_id"].startswith("contrast:")]
+        else:
+            raise ValueError(f"unknown modifier +{mod}: noecho, stopF, nostop, nocontrast")
     if arm == "checker":
         return checker, []
     if arm == "cut":
@@ -101,16 +131,24 @@ def main() -> int:
     ap.add_argument("--pairs", type=Path, required=True, help="a built round's pairs dir (shards + extras.parquet)")
     ap.add_argument("--config", default="configs/base-gpu.yaml", help="its train settings are the arms' recipe")
     ap.add_argument("--base", default="gemma3-270m")
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=",".join(ARMS), help="built-in arms, comma-separated ('' for none)")
+    ap.add_argument("--arm", action="append", default=[], metavar='"NAME SOURCE[+MOD...] [key=value ...]"',
+                    help="an arm of your own (repeatable; see the module doc)")
     ap.add_argument("--limit", type=int, default=None, help="IFEval prompts (default all 541)")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("runs/length_probe"))
     ap.add_argument("overrides", nargs="*", help="config overrides for every trained arm (key=value)")
     args = ap.parse_args()
-    arms = args.arms.split(",")
-    if bad := [a for a in arms if a not in ARMS]:
+    names = [a for a in args.arms.split(",") if a]
+    if bad := [a for a in names if a not in ARMS]:
         ap.error(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+    arms: dict[str, list[str]] = {a: ([] if a == "base" else BUILT_IN[a].split()) for a in names}
+    for spec in args.arm:
+        name, *recipe = spec.split()
+        if not recipe or name in arms:
+            ap.error(f"--arm {spec!r}: give a new NAME, then a SOURCE (built, cut, checker[+MOD...]) and overrides")
+        arms[name] = recipe
 
     import pandas as pd
     import torch
@@ -148,24 +186,24 @@ def main() -> int:
         print(f"{arm}: {json.dumps(results[arm])}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        for arm in arms:
+        for arm, recipe in arms.items():
             if arm == "base":
                 score(arm, AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), {"pairs": 0})
                 continue
-            checker, extras = arm_pairs(args.pairs, "built" if arm == "ld" else arm)
+            checker, extras = arm_pairs(args.pairs, recipe[0])
             pairs = Path(tmp) / arm / "run" / "round-0" / "pairs"
             pairs.mkdir(parents=True)
             pd.DataFrame(checker).to_parquet(pairs / "shard-00000.parquet")
             if extras:
                 pd.DataFrame(extras).to_parquet(pairs / EXTRAS_FILE)
             over = [f"run.root={Path(tmp) / arm}", "run.name=run", f"train.base_model={base}", "train.report_to=[]",
-                    *(["train.ld_alpha=0.0"] if arm == "ld" else []), *args.overrides]
+                    *args.overrides, *recipe[1:]]
             t0 = time.monotonic()
             res = train(load_config(args.config, over))
             train_s = time.monotonic() - t0
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                               res.adapter_dir).merge_and_unload()
-            score(arm, model, {"pairs": len(checker) + len(extras), "stop_pairs": sum(
+            score(arm, model, {"recipe": " ".join(recipe), "pairs": len(checker) + len(extras), "stop_pairs": sum(
                 r["principle_id"] == "stop" for r in extras), "steps": res.global_step, "train_s": round(train_s, 1)})
             del model
             if device == "cuda":

@@ -17,9 +17,9 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, get_args
 
-from shared.config import ConfigError, add_config_args, config_from_args
+from shared.config import ConfigError, EvalConfig, add_config_args, config_from_args
 from shared.log import setup_logging
 
 log = logging.getLogger("eval")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round", type=int, default=0, help="round whose eval dir is the default --out")
     ap.add_argument("--gate", type=float, nargs="?", const=-1.0,
                     help="exit 1 when the gate metric is below X (bare --gate: eval.target, default 0.95)")
-    ap.add_argument("--gate-metric", choices=["prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"])
+    ap.add_argument("--gate-metric", choices=list(get_args(EvalConfig.model_fields["gate_metric"].annotation)))
     args = ap.parse_args(argv)
     setup_logging()
     try:

@@ -21,6 +21,11 @@ from shared.atomic import atomic_write_text, parse_jsonl_lines
 from shared.config import DEFAULT_HELDOUT_TYPES
 
 METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
+# The same four, counting only answers that finished without looping: a base model that loops passes "at least
+# 20 sentences" or "the letter c at least 60 times" by accident. On gemma3-270m, 4.1 of its 13.3 points of
+# prompt_loose came from looping or truncated answers, so a round that teaches it to stop loses them on the
+# official metric even as its finished answers follow more instructions.
+CLEAN_METRICS = tuple(f"{m}_clean" for m in METRICS)
 RATE_MEASURES = ("truncation_rate", "loop_rate", *(f"{h}_rate" for h in dg.HABITS))
 DEGENERATION_MEASURES = (*RATE_MEASURES, "words_median", "words_p90", "words_mean", "distinct_1", "distinct_2")
 
@@ -52,6 +57,20 @@ def heldout_scores(results: Sequence[dict[str, Any]], types: Sequence[str]) -> d
         prompts += hit
     return {"types": list(types), "n_instructions": len(hs), "n_prompts": prompts, "strict": _mean(hs),
             "loose": _mean(hl), "others": {"n_instructions": len(os_), "strict": _mean(os_), "loose": _mean(ol)}}
+
+
+def degenerate(r: dict[str, Any]) -> bool:
+    """Whether a results row's answer is degenerate: it hit max_tokens or loops (:func:`eval.degeneration.is_looping`).
+    Rows scored before this was recorded are judged from their finish reason and response."""
+    if "degenerate" in r:
+        return bool(r["degenerate"])
+    return r.get("finish_reason") == "length" or dg.is_looping(r.get("response") or "")
+
+
+def clean_scores(results: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """:data:`CLEAN_METRICS`: the four IFEval metrics with a degenerate answer's instructions counted as not
+    followed."""
+    return {m: pooled([metric_parts(r, m) for r in results]) for m in CLEAN_METRICS}
 
 
 def _profiles(results: Sequence[dict[str, Any]], long_words: int) -> list[dict[str, Any]] | None:
@@ -229,9 +248,9 @@ def write_report(out_dir: str | Path, scores: dict[str, Any]) -> Path:
         f"Suite `{scores.get('suite')}`, {scores['n_prompts']} prompts, settings `{json.dumps(scores.get('settings', {}))}`; "
         f"{scores.get('truncated', 0)} responses hit max_tokens.",
         "",
-        "| metric | score |",
-        "|---|---|",
-        *(f"| {m} | {scores[m]:.4f} |" for m in METRICS),
+        "| metric | score | clean (answers that finished without looping) |",
+        "|---|---|---|",
+        *(f"| {m} | {scores[m]:.4f} | {_f(scores.get(m + '_clean'), '.4f')} |" for m in METRICS),
         "",
         "## Degeneration",
         "",
@@ -270,6 +289,9 @@ def _per_prompt(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def metric_parts(r: dict[str, Any], metric: str) -> tuple[float, int]:
     """(numerator, denominator) of one prompt's contribution to ``metric`` (from a results.jsonl row)."""
+    if metric.endswith("_clean"):
+        num, den = metric_parts(r, metric.removesuffix("_clean"))
+        return (0.0 if degenerate(r) else num), den
     if metric.startswith("prompt_"):
         return float(r[metric]), 1
     flags = r["follow_strict" if metric.endswith("strict") else "follow_loose"]
@@ -355,7 +377,7 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: i
     idx = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
     out: dict[str, Any] = {"n_paired": len(keys), "metrics": {}}
     ra, rb = [a[k] for k in keys], [b[k] for k in keys]
-    for m in METRICS:
+    for m in (*METRICS, *CLEAN_METRICS):
         out["metrics"][m] = _paired([metric_parts(r, m) for r in ra], [metric_parts(r, m) for r in rb], idx)
     held = set(heldout_types)
     out["heldout"] = {"types": list(heldout_types), **{

@@ -247,7 +247,8 @@ def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, st
     where the model starts another turn, as in pair building: one that ran on into an invented "# Question:"
     is scored without it, and counts as finished (the model did end it)."""
     from eval import ifeval
-    from eval.report import degeneration_of, heldout_scores
+    from eval.degeneration import is_looping
+    from eval.report import clean_scores, degeneration_of, heldout_scores
 
     results = []
     for it, (response, finish) in zip(items, raw, strict=True):
@@ -256,9 +257,11 @@ def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, st
             response, cut = template.cut(response, it["prompt"])
             finish = "stop" if cut else finish
         r = ifeval.score_response(it, response)
-        r.update(finish_reason=finish, response=response, cut_at_new_turn=cut)
+        r.update(finish_reason=finish, response=response, cut_at_new_turn=cut,
+                 degenerate=finish == "length" or is_looping(response))
         results.append(r)
     scores = ifeval.aggregate(results)
+    scores.update(clean_scores(results))
     scores["degeneration"] = degeneration_of(results, long_words)
     scores["heldout"] = heldout_scores(results, heldout_types)
     return results, scores

@@ -246,10 +246,14 @@ def build(cfg: Config, rd: RunDir, state: RunState) -> list[Block]:
         rows = []
         for i, (k, s, ci) in enumerate(rounds):
             delta = f"{s[metric] - rounds[i - 1][1][metric]:+.4f}" if i else ""
-            rows.append([str(k), *(f"{s[m]:.4f}" for m in METRICS),
+            clean = s.get("prompt_loose_clean")
+            rows.append([str(k), *(f"{s[m]:.4f}" for m in METRICS), "" if clean is None else f"{clean:.4f}",
                          f"{ci[0]:.3f}..{ci[1]:.3f}" if ci else "", delta, str(s["n_prompts"])])
         blocks += [("h2", f"Scores by round ({rounds[0][1].get('suite')} suite)"),
-                   ("table", (["round", *METRICS, f"{metric} 95% CI", "gain", "prompts"], rows)),
+                   ("p", "prompt_loose_clean counts only answers that finished without looping: a base model's "
+                         "loops pass length instructions by accident (eval.report.CLEAN_METRICS)."),
+                   ("table", (["round", *METRICS, "prompt_loose_clean", f"{metric} 95% CI", "gain", "prompts"],
+                              rows)),
                    ("img", _scores_plot(rounds, metric, rd.path / "scores_by_round.png"))]
         blocks += _measure_blocks(cfg, rd, [k for k, _, _ in rounds])
 

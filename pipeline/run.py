@@ -109,6 +109,17 @@ def _measures(cfg: Config, rd: RunDir) -> Any:
     return get
 
 
+def read_scores(eval_dir: Path) -> dict[str, Any]:
+    """A round's ``scores.json``, with the clean metrics (eval.report.CLEAN_METRICS) filled in from its results
+    when an eval of an earlier version did not record them."""
+    from eval.report import CLEAN_METRICS, clean_scores, read_results
+
+    scores = json.loads((eval_dir / "scores.json").read_text())
+    if any(m not in scores for m in CLEAN_METRICS) and (rows := read_results(eval_dir)):
+        scores.update(clean_scores(rows))
+    return scores
+
+
 def guard_failures(cfg: Config, rd: RunDir, k: int, measures: Any = None) -> list[str]:
     """Why round k may not be promoted although its gate metric rose: one line per measure outside
     ``pipeline.guards`` (with the numbers); empty when it passes. Degeneration is compared with round 0, the
@@ -141,7 +152,7 @@ def guard_failures(cfg: Config, rd: RunDir, k: int, measures: Any = None) -> lis
         elif max(b, 1.0) * g.max_length_ratio < a - 1e-9:
             fails.append(f"words_median {b:.0f} vs {a:.0f} in round 0 (1/{a / max(b, 1.0):.1f}x < "
                          f"1/pipeline.guards.max_length_ratio=1/{g.max_length_ratio})")
-    level = "loose" if cfg.eval.gate_metric.endswith("loose") else "strict"
+    level = "loose" if "loose" in cfg.eval.gate_metric else "strict"
     hk = (get(k)["heldout"] or {}).get(level)
     if hk is None:
         if cfg.eval.heldout_types:
@@ -160,7 +171,7 @@ def guard_failures(cfg: Config, rd: RunDir, k: int, measures: Any = None) -> lis
 def _fallback(cfg: Config, rd: RunDir, k: int, measures: Any) -> tuple[int, str]:
     """The best round before k (gate metric; the earlier on a tie) whose promotion guards passed, and its model."""
     def gate(j: int) -> float:
-        return json.loads((rd.round(j, create=False).eval / "scores.json").read_text())[cfg.eval.gate_metric]
+        return read_scores(rd.round(j, create=False).eval)[cfg.eval.gate_metric]
 
     passed = [j for j in range(k) if not guard_failures(cfg, rd, j, measures)]  # round 0 always passes
     best = max(passed, key=lambda j: (gate(j), -j))
@@ -177,7 +188,7 @@ def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
     from eval.report import compare
 
     ev = cfg.eval
-    scores = json.loads((rd.round(k, create=False).eval / "scores.json").read_text())
+    scores = read_scores(rd.round(k, create=False).eval)
     this_model = str(model_of_round(cfg, rd, k))
     measures = _measures(cfg, rd)
     gain = None
@@ -190,7 +201,7 @@ def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
             return (f"regression: round {k} scored {c['b']:.4f} vs {c['a']:.4f} in round {k - 1} on {ev.gate_metric} "
                     f"(95% CI of the change {c['ci95'][0]:+.4f}..{c['ci95'][1]:+.4f}); round {j}'s model is kept",
                     model)
-        prev = json.loads((prev_eval / "scores.json").read_text())
+        prev = read_scores(prev_eval)
         gain = scores[ev.gate_metric] - prev[ev.gate_metric]
         fails = guard_failures(cfg, rd, k, measures)
         if fails:

@@ -122,8 +122,12 @@ class EvalConfig(Section):
     prompts_per_request: int = Field(8, ge=1, description="Base-style prompts per /v1/completions request (a list "
                                      "prompt): vLLM 0.71x -> 1.0x of offline throughput at 8; 1 suits the CPU "
                                      "server (a batch holds its slots until its longest answer ends). Chat: 1.")
-    gate_metric: Literal["prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"] = Field(
-        "prompt_loose", description="The IFEval metric that decides promotion, --gate and eval.target.")
+    gate_metric: Literal["prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose",
+                         "prompt_strict_clean", "prompt_loose_clean", "instruction_strict_clean",
+                         "instruction_loose_clean"] = Field(
+        "prompt_loose", description="The IFEval metric that decides promotion, --gate and eval.target. A *_clean "
+        "metric counts only answers that finished without looping (eval.report.CLEAN_METRICS): for a base model "
+        "whose loops pass length instructions by accident.")
     target: float = Field(0.95, ge=0.0, le=1.0, description="The plan's success rate: stop when reached.")
     heldout_types: list[str] = Field(
         default_factory=lambda: list(DEFAULT_HELDOUT_TYPES),

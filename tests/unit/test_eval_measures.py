@@ -91,3 +91,19 @@ def test_report_shows_degeneration_heldout_and_lengths(tmp_path):
     assert "## Held-out instruction types" in md and "| held-out types | 0.0000 | 0.0000 | 8 (8 prompts) |" in md
     assert "startend:quotation (held out)" in md
     assert (d / "lengths.png").stat().st_size > 1000 and "![lengths.png](lengths.png)" in md
+
+
+def test_clean_metrics_count_only_answers_that_finished_without_looping(tmp_path):
+    from eval.report import clean_scores, degenerate
+
+    rows = _rows(True, True)  # every 4th answer (i % 4 == 1) loops to max_tokens, and every answer "follows"
+    assert sum(map(degenerate, rows)) == 10
+    c = clean_scores(rows)
+    assert c["prompt_loose_clean"] == 0.75 and c["instruction_loose_clean"] == 0.75
+    # a row that records its verdict is taken at its word
+    assert degenerate({**rows[1], "degenerate": False}) is False
+    # compare and the gate see them: B loops where A did not, on prompts both "follow"
+    _write(tmp_path / "a", [{**r, "response": ESSAY, "finish_reason": "stop"} for r in rows])
+    _write(tmp_path / "b", rows)
+    m = compare(tmp_path / "a", tmp_path / "b", n_boot=200)["metrics"]
+    assert m["prompt_loose"]["delta"] == 0 and m["prompt_loose_clean"]["delta"] == -0.25

@@ -221,3 +221,14 @@ def test_a_tie_is_not_a_rise(tmp_path, base_dir):
     cfg, rd = _setup(tmp_path, base_dir, "pipeline.rounds=1", "pipeline.min_gain=0")
     reason, promoted = decide(cfg, rd, 1)
     assert reason.startswith("max rounds") and "round 0's model is kept" in reason and promoted == str(base_dir)
+
+
+def test_a_clean_gate_metric_ignores_passes_by_loops(tmp_path, base_dir):
+    # round 1 "follows" more prompts than round 0, but only with answers that loop to max_tokens
+    cfg, rd = _setup(tmp_path, base_dir, "eval.gate_metric=prompt_loose_clean", "pipeline.guards.enabled=false")
+    _guarded_eval(rd, 0, 0.2)
+    _guarded_eval(rd, 1, 0.6, trunc=0.5)  # 50 of its 60 followed prompts ran to max_tokens
+    reason, promoted = decide(cfg, rd, 1)
+    assert "prompt_loose_clean" in reason and promoted == str(base_dir)
+    cfg, rd = _setup(tmp_path, base_dir, "pipeline.guards.enabled=false")
+    assert decide(cfg, rd, 1) is None  # on the official metric the loops count
