@@ -3,7 +3,7 @@ each scored on the official IFEval in the same run: a round in minutes on a GPU,
 
     python bench/length_probe.py --pairs RUN/round-0/pairs [--config configs/base-gpu.yaml] [--base gemma3-270m]
         [--arms base,built,cut,checker,ld] [--arm "NAME SOURCE[+MOD...] [key=value ...]"]... [--limit N]
-        [--max-new-tokens 512] [--batch 128] [--out DIR]
+        [--suite own|ifeval] [--variants 12] [--max-new-tokens 512] [--batch 128] [--out DIR]
 
 The first GPU round with stop pairs (whole loops of ~200 words as the rejected side, against finished answers of
 ~25) cut loops from 39% to 1%, and the median answer from 26 words to 11; IFEval fell with it. The arms, each a
@@ -20,6 +20,10 @@ fresh LoRA from the base trained with the config's ``train`` settings (the train
 source (``built``, ``cut`` or ``checker``) with modifiers (``+noecho``: without the pairs whose chosen answer
 restates its instruction's constraint sentences, :func:`pair_builder.verify.echo_grams`; ``+stopF``: keep the
 share F of the stop pairs, e.g. ``+stop0.3``; ``+nostop``, ``+nocontrast``), then config overrides.
+
+The arms are scored on a development suite by default (``--suite own``: the seed tasks pair building never uses,
+x ``--variants`` constraint draws, the same checkers as IFEval), so that a recipe chosen here is not chosen on the
+official 541 prompts it is then reported on. ``--suite ifeval`` scores those, for a diagnosis.
 
 Generation is greedy with transformers at the served dtype (float32), cut at the template's stop strings and where
 the model starts another turn, and scored as ``python -m eval`` scores (:func:`eval.run.score_responses`). Prints,
@@ -121,6 +125,7 @@ def _summary(scores: dict) -> dict[str, float | None]:
 
     d = flat(scores["degeneration"])
     return {"prompt_loose": scores["prompt_loose"], "instruction_loose": scores["instruction_loose"],
+            "prompt_loose_clean": scores["prompt_loose_clean"], "instruction_loose_clean": scores["instruction_loose_clean"],
             "prompt_strict": scores["prompt_strict"], "heldout_loose": (scores["heldout"] or {}).get("loose"),
             "words_median": d["words_median"], "loop_rate": d["loop_rate"], "truncation_rate": d["truncation_rate"],
             "lowercase_rate": d["lowercase_rate"], "no_comma_rate": d["no_comma_rate"]}
@@ -134,7 +139,10 @@ def main() -> int:
     ap.add_argument("--arms", default=",".join(ARMS), help="built-in arms, comma-separated ('' for none)")
     ap.add_argument("--arm", action="append", default=[], metavar='"NAME SOURCE[+MOD...] [key=value ...]"',
                     help="an arm of your own (repeatable; see the module doc)")
-    ap.add_argument("--limit", type=int, default=None, help="IFEval prompts (default all 541)")
+    ap.add_argument("--suite", choices=["own", "ifeval"], default="own",
+                    help="own: a development suite (held-out seed tasks x --variants draws); ifeval: the 541 prompts")
+    ap.add_argument("--variants", type=int, default=12, help="constraint draws per held-out seed task (--suite own)")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("runs/length_probe"))
@@ -155,6 +163,7 @@ def main() -> int:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eval.constraints import own_suite
     from eval.ifeval import load_ifeval_prompts
     from eval.run import score_responses
     from gen_server.models import resolve_model
@@ -166,7 +175,10 @@ def main() -> int:
 
     base = resolve_model(args.base)
     tpl = load_template()
-    items = load_ifeval_prompts(args.limit)
+    if args.suite == "ifeval":
+        items = load_ifeval_prompts(args.limit)
+    else:
+        items = own_suite(variants=args.variants)[:args.limit]
     prompts = [tpl.render(it["prompt"]) for it in items]
     stops = [*tpl.stop]
     tok = AutoTokenizer.from_pretrained(base)
@@ -208,10 +220,11 @@ def main() -> int:
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
-    atomic_write_json(args.out / "probe.json", {"pairs": str(args.pairs), "config": args.config,
+    atomic_write_json(args.out / "probe.json", {"pairs": str(args.pairs), "config": args.config, "suite": args.suite,
+                                                "prompts": len(items),
                                                 "overrides": args.overrides, "arms": results})
-    keys = ["prompt_loose", "instruction_loose", "heldout_loose", "words_median", "loop_rate", "truncation_rate",
-            "lowercase_rate", "no_comma_rate"]
+    keys = ["prompt_loose", "prompt_loose_clean", "instruction_loose", "instruction_loose_clean", "heldout_loose",
+            "words_median", "loop_rate", "truncation_rate", "lowercase_rate", "no_comma_rate"]
     print("\n| arm | pairs | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2))
     ref = results.get("base")
     for arm, r in results.items():
