@@ -6,29 +6,22 @@ never two that conflict (lm-eval's conflict table, made symmetric). The constrai
 ``build_description`` and the checker is lm-eval's, so what pair_builder verifies is exactly what eval
 scores. Everything is seeded: the same (seed, task) always gives the same prompt.
 
-Tasks are split by a hash of their id: the ``heldout`` split (the ``own`` eval suite) is never used to
-build training pairs, so the eval measures generalisation, not memorisation. Likewise whole instruction
-*types* can be held out (``exclude``; ``eval.heldout_types``): pair building never draws them, while the
+Tasks and their train / held-out split live in :mod:`shared.tasks`: the ``heldout`` split (the ``own`` eval
+suite) is never used to build training pairs. Likewise whole instruction *types* can be held out (``exclude``; ``eval.heldout_types``): pair building never draws them, while the
 ``own`` suite still does, so every eval can score instructions the model was never trained on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections.abc import Callable, Collection
 from functools import lru_cache
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from eval.ifeval import instruction_class
-from shared.atomic import parse_jsonl_lines
 from shared.records import Constraint, content_hash
-
-SEED_TASKS = Path(__file__).resolve().parent.parent / "constitution" / "seed_tasks.jsonl"
-HELDOUT_FRACTION = 0.2
-Split = Literal["train", "heldout"]
+from shared.tasks import Split, load_tasks, split_of
 
 _RELATIONS = ("less than", "at least")
 _KEYWORDS = ("example", "simple", "future", "balance", "community", "careful", "surprise", "energy",
@@ -128,34 +121,6 @@ def describe(c: Constraint) -> str:
 
 def render_prompt(task: str, constraints: list[Constraint]) -> str:
     return " ".join([task.strip(), *(describe(c) for c in constraints)])
-
-
-def load_tasks(path: str | os.PathLike[str] | None = None) -> list[dict[str, str]]:
-    """Tasks (``id``, ``task``) from a JSONL file; every bad line is reported at once."""
-    p = Path(path) if path else SEED_TASKS
-    rows, problems = parse_jsonl_lines(p.read_text(encoding="utf-8"))
-    tasks, seen = [], set()
-    for n, obj in rows:
-        if not isinstance(obj, dict) or not isinstance(obj.get("task"), str) or not obj["task"].strip():
-            problems.append(f"line {n}: expected an object with a non-empty 'task' string")
-            continue
-        tid = str(obj.get("id") or content_hash(obj["task"]))
-        if tid in seen:
-            problems.append(f"line {n}: duplicate id {tid!r}")
-            continue
-        seen.add(tid)
-        tasks.append({"id": tid, "task": obj["task"].strip()})
-    if problems:
-        raise ValueError(f"{p}: {len(problems)} bad line(s):\n  " + "\n  ".join(problems))
-    if not tasks:
-        raise ValueError(f"{p}: no tasks; add JSON lines like {{\"id\": \"t1\", \"task\": \"Explain ...\"}}")
-    return tasks
-
-
-def split_of(task_id: str) -> Split:
-    """A stable train/heldout assignment from the task id alone (no RNG state, no ordering effects)."""
-    h = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "big") / 2**64
-    return "heldout" if h < HELDOUT_FRACTION else "train"
 
 
 def make_item(task: dict[str, str], *, seed: int, variant: int = 0, max_constraints: int = 3,

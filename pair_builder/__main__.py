@@ -83,7 +83,7 @@ def build_settings(cfg: Config, model: str, revision: str, eos_token: str | None
 
 def _self_instruct(cfg: Config, workers: list[Any], usage: dict[str, int]) -> list[str]:
     """Ask the model for new tasks until pairs.self_instruct_tasks are collected (at most 3 rounds)."""
-    from eval.constraints import load_tasks, split_of
+    from shared.tasks import load_tasks, split_of
 
     p = cfg.pairs
     pool = [t["task"] for t in load_tasks(p.seed_tasks) if split_of(t["id"]) == "train"]
@@ -119,7 +119,7 @@ def _self_instruct(cfg: Config, workers: list[Any], usage: dict[str, int]) -> li
 
 def gather_instructions(cfg: Config, workers: list[Any], meta: Path, usage: dict[str, int]) -> list[Instruction]:
     """All sources -> dedupe; saved per source config, so a resubmission asks the same instructions."""
-    from eval.constraints import load_tasks, split_of
+    from shared.tasks import load_tasks, split_of
 
     p = cfg.pairs
     held = list(cfg.eval.heldout_types)  # instruction types the eval holds out: never drawn for pairs

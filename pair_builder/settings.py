@@ -80,7 +80,7 @@ def check_config(cfg: Config) -> Checked:
     except (FileNotFoundError, ValueError) as e:
         problems.append(f"model.template: {e}")
     if "seed" in p.sources or "self_instruct" in p.sources:
-        from eval.constraints import load_tasks
+        from shared.tasks import load_tasks
 
         try:
             load_tasks(p.seed_tasks)

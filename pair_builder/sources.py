@@ -1,7 +1,7 @@
 """Instructions for pair building: the seed pool, self-instruct tasks, a user file; dedupe; diversity summary.
 
-* seed pool: every ``train``-split task of ``constitution/seed_tasks.jsonl`` x ``seed_variants`` constraint
-  draws (``eval.constraints.make_item``: the same generator and checkers eval uses; the ``heldout`` split
+* seed pool: every ``train``-split task (:mod:`shared.tasks`) of ``constitution/seed_tasks.jsonl`` x
+  ``seed_variants`` constraint draws (``eval.constraints.make_item``: the same generator and checkers eval uses; the ``heldout`` split
   is never used, and the held-out instruction types ``eval.heldout_types`` are never drawn, so eval
   measures generalisation);
 * self-instruct: the served model continues a numbered list of seed tasks (base-model prompt), one new
@@ -28,7 +28,8 @@ from typing import Any
 
 from datasketch import MinHash, MinHashLSH
 
-from eval.constraints import load_tasks, make_item, render_prompt, split_of
+from eval.constraints import make_item, render_prompt
+from shared.tasks import load_tasks, split_of
 from eval.ifeval import instruction_class
 from pair_builder.sample import Usage
 from shared.atomic import parse_jsonl_lines

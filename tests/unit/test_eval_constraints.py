@@ -1,9 +1,8 @@
 import random
 
-from eval.constraints import (
-    GENERATED_IDS, conflicts, load_tasks, make_item, own_suite, sample_constraints, split_of,
-)
+from eval.constraints import GENERATED_IDS, conflicts, make_item, own_suite, sample_constraints
 from eval.ifeval import INSTRUCTION_IDS, check, load_jsonl_suite
+from shared.tasks import load_tasks, split_of
 
 
 def test_generated_ids_are_registry_ids():

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eval.constraints import load_tasks, split_of
+from shared.tasks import load_tasks, split_of
 from pair_builder.sample import Usage
 from pair_builder.sources import (
     Instruction,
