@@ -18,196 +18,44 @@ memory (the message names the planner's batch size).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from shared.atomic import atomic_dir, atomic_write_json
 from shared.config import Config, ConfigError, add_config_args, config_from_args
 from shared.ledger import CostLedger
 from shared.rundir import RunDir
+from trainer.artifacts import SUMMARY_NAME, RefLogpsMismatch, TrainingDiverged, TrainResult, base_fingerprint
+from trainer.curves import write_curves
 from trainer.data import PairsDataError, load_pairs, split_eval, validate_pairs
+from trainer.models import (
+    check_init_adapter,
+    continue_adapter,
+    kl_to_base,
+    load_peft,
+    load_unsloth,
+    lora_config,
+    oom_message,
+    pick_backend,
+    resolve_batch_size,
+)
 from trainer.paths import TrainPaths, resolve_train_paths
 
 log = logging.getLogger(__name__)
 
-UNSLOTH_MAX_SEQ_LENGTH = 2048
-AUTO_BATCH_FALLBACK = 1  # per-device batch for "auto" when no GPU memory plan applies (CPU)
-SUMMARY_NAME = "train_summary.json"
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-class RefLogpsMismatch(ValueError):
-    """The dataset's reference log-probs disagree with the trainer's own reference model."""
-
-
-@dataclass
-class TrainResult:
-    status: str  # completed | early_stopped | budget | diverged
-    adapter_dir: Path | None
-    train_dir: Path
-    global_step: int
-    metrics: dict[str, float]
-
-
-def pick_backend(requested: str) -> str:
-    """``auto`` -> unsloth when CUDA and unsloth are both present, else peft."""
+def _check_trackers(report_to: list[str]) -> None:
+    """Fail before any model loads when a configured tracker is not installed."""
     import importlib.util
 
-    import torch
-
-    if requested != "auto":
-        if requested == "unsloth" and not torch.cuda.is_available():
-            raise ConfigError(["train.backend: unsloth needs a CUDA GPU; use train.backend=peft on CPU"])
-        return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None:
-        return "unsloth"
-    return "peft"
-
-
-def resolve_batch_size(cfg: Config, base_model: Path) -> int:
-    """An int is taken as is; ``auto`` asks the memory planner on GPU, else uses a batch of 1."""
-    bs = cfg.train.per_device_train_batch_size
-    if bs != "auto":
-        return int(bs)
-    import torch
-
-    if torch.cuda.is_available():
-        from trainer.plan import largest_fitting_batch
-
-        gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-        fit = largest_fitting_batch(cfg, base_model, gpu_gib=gib)
-        if fit is None:
-            raise ConfigError([f"train.per_device_train_batch_size=auto: not even batch 1 fits in {gib:.0f} GiB "
-                               "(see `python -m trainer.plan --config CFG`); lower train.max_length or lora_r"])
-        log.info("batch size auto -> %d (planner, %.0f GiB GPU)", fit, gib)
-        return fit
-    log.info("batch size auto -> %d (no GPU to plan for)", AUTO_BATCH_FALLBACK)
-    return AUTO_BATCH_FALLBACK
-
-
-def _load_unsloth(cfg: Config, base_model: Path) -> tuple[Any, Any]:
-    import unsloth
-    from unsloth import FastLanguageModel
-
-    if hasattr(unsloth, "PatchDPOTrainer"):  # Unsloth's DPO recipe; newer releases patch TRL on import
-        unsloth.PatchDPOTrainer()
-    t = cfg.train
-    max_seq_length = max(UNSLOTH_MAX_SEQ_LENGTH, t.max_length)
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(base_model), max_seq_length=max_seq_length, dtype=None, load_in_4bit=t.load_in_4bit
-    )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=t.lora_r,
-        target_modules=list(t.target_modules),
-        lora_alpha=t.lora_alpha or t.lora_r,
-        lora_dropout=t.lora_dropout,
-        bias="none",
-        use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
-        random_state=t.seed,
-        max_seq_length=max_seq_length,
-    )
-    return model, tokenizer
-
-
-def _load_peft(cfg: Config, base_model: Path) -> tuple[Any, Any]:
-    """A plain transformers model (TRL wraps it with the LoraConfig from :func:`lora_config`)."""
-    import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if torch.cuda.is_available():
-        kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16, "device_map": {"": 0}}
-        if cfg.train.load_in_4bit:
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ConfigError(["train.load_in_4bit: bitsandbytes is not installed; `pip install bitsandbytes` "
-                                   "or set train.load_in_4bit=false"])
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=kwargs["dtype"],
-            )
-    model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
-    if "quantization_config" in kwargs:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    return model, AutoTokenizer.from_pretrained(base_model)
-
-
-def other_base(adapter_dir: Path, base_model: Path) -> dict[str, Any] | None:
-    """The shape of the base ``adapter_dir`` was trained on when it is not ``base_model``'s, else None."""
-    summary = adapter_dir / SUMMARY_NAME
-    trained_on = json.loads(summary.read_text()).get("base_fingerprint") if summary.is_file() else None
-    return trained_on if trained_on and trained_on != base_fingerprint(base_model) else None
-
-
-def check_init_adapter(cfg: Config, init_adapter: Path, base_model: Path) -> None:
-    """Refuse to continue an adapter whose LoRA shape or base differ from this round's settings."""
-    t = cfg.train
-    ac = json.loads((init_adapter / "adapter_config.json").read_text())
-    problems = []
-    if ac.get("r") != t.lora_r:
-        problems.append(f"r={ac.get('r')} (train.lora_r={t.lora_r})")
-    if ac.get("lora_alpha") != (t.lora_alpha or t.lora_r):
-        problems.append(f"lora_alpha={ac.get('lora_alpha')} (train.lora_alpha={t.lora_alpha or t.lora_r})")
-    if set(ac.get("target_modules") or []) != set(t.target_modules):
-        problems.append(f"target_modules={sorted(ac.get('target_modules') or [])} (train.target_modules="
-                        f"{sorted(t.target_modules)})")
-    if trained_on := other_base(init_adapter, base_model):
-        problems.append(f"trained on a base shaped {trained_on}, not {base_model}")
-    if problems:
-        raise ConfigError([f"train.continue_adapter: round {t.round - 1}'s adapter {init_adapter} has "
-                           f"{'; '.join(problems)}. Keep the LoRA settings across rounds, or set "
-                           "train.continue_adapter=false to train a fresh LoRA on the last merge"])
-
-
-def continue_adapter(model: Any, init_adapter: Path) -> None:
-    """Start the trainable ``default`` adapter of peft ``model`` from ``init_adapter``: round k starts from, and (as
-    DPO's reference) is held near, the policy round k-1 produced."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(init_adapter / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(model, weights, adapter_name="default")
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-    if missing or getattr(result, "unexpected_keys", []):
-        raise ConfigError([f"train.continue_adapter: {init_adapter} does not fit this model's LoRA layers "
-                           f"(missing {missing[:3]}, unexpected {list(getattr(result, 'unexpected_keys', []))[:3]})"])
-    # TRL's DPOTrainer, given a peft model, copies its "default" adapter into a frozen "ref" adapter and computes
-    # every reference log-prob with it: the reference is this very starting policy.
-    log.info("continuing %s: the trainable adapter and DPO's frozen reference copy both start from it", init_adapter)
-
-
-def kl_to_base(model: Any, tokenizer: Any, probes: list[str]) -> float:
-    """Mean next-token KL(policy || the same base with every adapter disabled) on the rendered probe prompts:
-    how far the starting policy already is from the original base (the merge reports the same measure)."""
-    from trainer.merge import adapter_effect, next_token_logprobs
-
-    was_training = model.training
-    model.eval()
-    try:
-        return adapter_effect(model, tokenizer, probes, next_token_logprobs(model, tokenizer, probes))
-    finally:
-        model.train(was_training)
-
-
-def lora_config(cfg: Config) -> Any:
-    from peft import LoraConfig
-
-    t = cfg.train
-    return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha or t.lora_r, lora_dropout=t.lora_dropout,
-                      target_modules=list(t.target_modules), bias="none", task_type="CAUSAL_LM")
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    missing = [name for name in report_to
+               if name in modules and not any(importlib.util.find_spec(m) for m in modules[name])]
+    if missing:
+        raise ConfigError([f"train.report_to: {', '.join(missing)} not installed; `pip install {' '.join(missing)}` "
+                           "or drop it (train.report_to=[])"])
 
 
 def _dpo_config(cfg: Config, backend: str, train_dir: Path, batch_size: int, has_eval: bool,
@@ -279,79 +127,9 @@ def check_ref_logps(trainer: Any, rows: int, tolerance: float) -> dict[str, floa
     return out
 
 
-def write_curves(log_history: list[dict[str, Any]], train_dir: Path) -> list[Path]:
-    """metrics.jsonl (one line per log event) and PNG curves: loss, reward margins and accuracies."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    atomic_write_text(train_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in log_history))
-    written = [train_dir / "metrics.jsonl"]
-
-    def series(key: str) -> tuple[list[int], list[float]]:
-        pts = [(r["step"], r[key]) for r in log_history if key in r and "step" in r]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    panels = {
-        "loss.png": [("loss", "train loss"), ("eval_loss", "eval loss")],
-        "rewards.png": [("rewards/margins", "train margin"), ("eval_rewards/margins", "eval margin"),
-                        ("rewards/accuracies", "train accuracy"), ("eval_rewards/accuracies", "eval accuracy")],
-    }
-    for name, keys in panels.items():
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in keys:
-            xs, ys = series(key)
-            if xs:
-                ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
-        ax.set_xlabel("step")
-        ax.set_title(name.removesuffix(".png"))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        tmp = train_dir / f".{name}.tmp"
-        fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
-        tmp.replace(train_dir / name)
-        written.append(train_dir / name)
-    return written
-
-
 def _spent_before(cfg: Config) -> float:
     """Dollars already recorded in every round's ledger of this run (the budget covers the whole run)."""
     return RunDir.from_config(cfg).spent_usd()
-
-
-def base_fingerprint(base_model: Path) -> dict[str, Any]:
-    """The base's shape, recorded with the adapter so a merge into another base is refused."""
-    c = json.loads((base_model / "config.json").read_text())
-    text = c.get("text_config", c)
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
-    return {k: text.get(k) for k in keys}
-
-
-def _oom_message(cfg: Config, base_model: Path, batch_size: int) -> str:
-    import torch
-
-    from trainer.plan import largest_fitting_batch
-
-    gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
-    fit = largest_fitting_batch(cfg, base_model, gpu_gib=gib)
-    hint = f"the planner suggests per_device_train_batch_size={fit}" if fit else "the planner fits no batch"
-    return (f"out of GPU memory at per_device_train_batch_size={batch_size} ({hint}; see `python -m trainer.plan "
-            "--config CFG`): lower train.per_device_train_batch_size and raise gradient_accumulation_steps to keep "
-            "the effective batch, or lower train.max_length")
-
-
-def _check_trackers(report_to: list[str]) -> None:
-    """Fail before any model loads when a configured tracker is not installed."""
-    import importlib.util
-
-    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
-    missing = [name for name in report_to
-               if name in modules and not any(importlib.util.find_spec(m) for m in modules[name])]
-    if missing:
-        raise ConfigError([f"train.report_to: {', '.join(missing)} not installed; `pip install {' '.join(missing)}` "
-                           "or drop it (train.report_to=[])"])
 
 
 def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainResult:
@@ -399,15 +177,17 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
     eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None
 
     batch_size = resolve_batch_size(cfg, paths.base_model)
+    paths.train_dir.mkdir(parents=True, exist_ok=True)
+    args = _dpo_config(cfg, backend, paths.train_dir, batch_size, eval_ds is not None, use_ref_logps)
 
     # 2. Model.
     if paths.init_adapter is not None:
         check_init_adapter(cfg, paths.init_adapter, paths.base_model)
     if backend == "unsloth":
-        model, tokenizer = _load_unsloth(cfg, paths.base_model)
+        model, tokenizer = load_unsloth(cfg, paths.base_model)
         peft_config = None
     else:
-        model, tokenizer = _load_peft(cfg, paths.base_model)
+        model, tokenizer = load_peft(cfg, paths.base_model)
         peft_config = lora_config(cfg)
     if paths.init_adapter is not None:
         if peft_config is not None:  # wrap here (TRL would): the adapter must exist before its weights load
@@ -444,10 +224,10 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
         early = RewardEarlyStopping(t.early_stopping_metric, t.early_stopping_patience)
         callbacks.append(early)
 
-    paths.train_dir.mkdir(parents=True, exist_ok=True)
+    # 3. Trainer.
     trainer = SuppliedRefDPOTrainer(
         model=model,
-        args=_dpo_config(cfg, backend, paths.train_dir, batch_size, eval_ds is not None, use_ref_logps),
+        args=args,
         train_dataset=ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
@@ -469,7 +249,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
     elif checkpoint is not None:
         log.info("resuming from %s", checkpoint)
 
-    # 3. Train, recorded in the round's cost ledger.
+    # 4. Train, recorded in the round's cost ledger.
     ledger = CostLedger(paths.round_dir.ledger, usd_per_hour=cfg.cost.gpu_usd_per_hour)
     paths.round_dir.path.mkdir(parents=True, exist_ok=True)
     with ledger.stage("train", backend=backend, base_model=str(paths.base_model)) as stage:
@@ -477,7 +257,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except Exception as e:
             if type(e).__name__ == "OutOfMemoryError":
-                raise MemoryError(_oom_message(cfg, paths.base_model, batch_size)) from e
+                raise MemoryError(oom_message(cfg, paths.base_model, batch_size)) from e
             raise
         stage.add(steps=trainer.state.global_step, train_pairs=len(ds))
 
@@ -492,7 +272,7 @@ def train(cfg: Config, *, resume: bool = False, force: bool = False) -> TrainRes
         )
     status = "budget" if cost.budget_hit else "early_stopped" if early and early.stopped_at else "completed"
 
-    # 4. The adapter, atomically: a reader sees the old adapter or the complete new one.
+    # 5. The adapter, atomically: a reader sees the old adapter or the complete new one.
     with atomic_dir(paths.adapter_dir) as tmp:
         trainer.model.save_pretrained(tmp, selected_adapters=["default"])
         tokenizer.save_pretrained(tmp)

@@ -58,7 +58,8 @@ def _torch_dtype(dtype: str) -> Any:
 
 def check_adapter_matches_base(base_dir: Path, adapter_dir: Path) -> None:
     """Refuse a quantized base, a missing adapter, and an adapter trained on a base of another shape."""
-    from trainer.dpo import base_fingerprint, other_base
+    from trainer.artifacts import base_fingerprint
+    from trainer.models import other_base
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise MergeError(f"no adapter in {adapter_dir} (adapter_config.json missing); run `python -m trainer.dpo "

@@ -128,12 +128,10 @@ def estimate(shape: ModelShape, *, batch: int, seq_len: int, lora_r: int, target
 
 
 def planned_backend(requested: str) -> str:
-    """The backend the estimate assumes: ``auto`` -> unsloth where it is installed, else peft (what would run)."""
-    if requested != "auto":
-        return requested
-    import importlib.util
+    """The backend the estimate assumes: what :func:`trainer.models.pick_backend` picks on a GPU."""
+    from trainer.models import pick_backend
 
-    return "unsloth" if importlib.util.find_spec("unsloth") is not None else "peft"
+    return pick_backend(requested, cuda=True)
 
 
 def _estimate_for(cfg: Config, shape: ModelShape, batch: int, on_gpu: bool = True) -> dict[str, float]:

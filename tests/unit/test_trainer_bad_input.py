@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from shared.config import load_config
-from trainer.dpo import SUMMARY_NAME, _oom_message, base_fingerprint
+from trainer.artifacts import SUMMARY_NAME, base_fingerprint
+from trainer.models import oom_message
 from trainer.merge import MergeError, check_adapter_matches_base
 
 
@@ -45,6 +46,6 @@ def test_merge_refuses_a_quantized_base_and_a_missing_adapter(tiny_model_dir, tm
 
 
 def test_oom_message_names_the_planners_batch(tiny_model_dir):
-    msg = _oom_message(load_config(None, ["train.max_length=256"]), tiny_model_dir, batch_size=64)
+    msg = oom_message(load_config(None, ["train.max_length=256"]), tiny_model_dir, batch_size=64)
     assert "per_device_train_batch_size=64" in msg
     assert "the planner suggests per_device_train_batch_size=8" in msg and "python -m trainer.plan" in msg
