@@ -60,7 +60,7 @@ from eval.degeneration import (
     words,
 )
 from pair_builder.sample import Candidate
-from pair_builder.verify import Relevance, unrequested_habit
+from pair_builder.verify import Relevance, dominates, unrequested_habit
 from shared.atomic import atomic_write_bytes
 from shared.records import CONTRAST_PREFIX, STOP_KIND, content_hash
 
@@ -79,10 +79,6 @@ TRANSFORMS: dict[str, tuple[str, Callable[[str], str]]] = {
     "uppercase": (UPPERCASE_ID, str.upper),
     "no_comma": (NO_COMMA_ID, _drop_commas),
 }
-
-
-def _weakly_dominates(a: Sequence[bool], b: Sequence[bool]) -> bool:
-    return all(x or not y for x, y in zip(a, b, strict=True))
 
 
 def cut_loop(c: Candidate, check: Callable[[str], list[bool]] | None = None) -> tuple[str, list[bool]] | None:
@@ -109,7 +105,7 @@ def stop_pair(cands: list[Candidate], *, relevance: Relevance = Relevance(), con
     good = [i for i, c in enumerate(cands) if c.problem is None and relevance.ok(c)
             and len(words(c.text)) >= STOP_MIN_WORDS and not repeats_sentence(c.text)]
     options = [(g, b) for g in good for b, (text, passed) in bad.items()
-               if _weakly_dominates(cands[g].passed, passed) and cands[g].text.strip() != text.strip()
+               if dominates(cands[g].passed, passed, strict=False) and cands[g].text.strip() != text.strip()
                and not unrequested_habit(cands[g].text, text, constraint_ids)]
     if not options:
         return None
@@ -153,7 +149,7 @@ def item_extras(cands: list[Candidate], *, kept: tuple[int, int] | None, constra
         chosen = cands[kept[0]]
         for habit, changed in contrasts(chosen.text, constraint_ids).items():
             passed = check(changed)
-            if _weakly_dominates(chosen.passed, passed):
+            if dominates(chosen.passed, passed, strict=False):
                 out.append({"kind": f"{CONTRAST_PREFIX}{habit}", "chosen": chosen.text, "rejected": changed,
                             "chosen_passed": chosen.n_passed, "rejected_passed": sum(passed)})
     return out

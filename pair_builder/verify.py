@@ -243,9 +243,9 @@ def _verdict_on(cands: list[Candidate], i: int) -> str | None:
     return next((c.verdict for c in cands if c.parent == i), None)
 
 
-def dominates(a: list[bool], b: list[bool]) -> bool:
-    """``a`` passes every constraint ``b`` passes, and at least one more."""
-    return all(x or not y for x, y in zip(a, b, strict=True)) and sum(a) > sum(b)
+def dominates(a: Sequence[bool], b: Sequence[bool], *, strict: bool = True) -> bool:
+    """``a`` passes every constraint ``b`` passes, and (``strict``) at least one more."""
+    return all(x or not y for x, y in zip(a, b, strict=True)) and (not strict or sum(a) > sum(b))
 
 
 @dataclass(frozen=True)
