@@ -1,76 +1,41 @@
 """Verifiable-constraint generator: the project's own instruction-following prompts.
 
-A task from ``constitution/seed_tasks.jsonl`` ("Explain how tides work.") gets 1-3 IFEval-kind constraints
+A task from ``constitution/seed_tasks.jsonl`` ("Explain how tides work.") gets 1-3 constraints of the types that
+have a sampler in :mod:`eval.checkers` (IFEval's and the project's own)
 ("Your response should contain at least 3 sentences. Do not include any commas in your response."),
 never two that conflict (lm-eval's conflict table, made symmetric). The constraint text is lm-eval's own
 ``build_description`` and the checker is lm-eval's, so what pair_builder verifies is exactly what eval
 scores. Everything is seeded: the same (seed, task) always gives the same prompt.
 
 Tasks and their train / held-out split live in :mod:`shared.tasks`: the ``heldout`` split (the ``own`` eval
-suite) is never used to build training pairs. Likewise whole instruction *types* can be held out (``exclude``; ``eval.heldout_types``): pair building never draws them, while the
-``own`` suite still does, so every eval can score instructions the model was never trained on.
+suite) is never used to build training pairs. Likewise whole instruction *types* can be held out (``exclude``;
+``eval.heldout_types``): pair building never draws them, while the ``own`` suite still does, so every eval can
+score instructions the model was never trained on.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from functools import lru_cache
 from typing import Any
 
+from eval.checkers import SAMPLERS, project_conflicts
 from eval.ifeval import instruction_class
 from shared.records import Constraint, content_hash
 from shared.tasks import Split, load_tasks, split_of
 
-_RELATIONS = ("less than", "at least")
-_KEYWORDS = ("example", "simple", "future", "balance", "community", "careful", "surprise", "energy",
-             "history", "patience", "reason", "detail", "important", "morning", "journey", "quality")
-_FORBIDDEN = ("very", "really", "thing", "good", "great", "basically", "just", "also", "many", "lot")
-_END_PHRASES = ("Is there anything else I can help with?", "Let me know if you have additional questions.",
-                "Any other questions?", "That is all.")
-_LETTERS = "aeinorst"
-
-# instruction id -> kwargs sampler. Ids left out need task-specific inputs (repeat_prompt,
-# constrained_response, nth_paragraph_first_word) or a non-English task (response_language).
-_SAMPLERS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
-    "punctuation:no_comma": lambda r: {},
-    "change_case:english_lowercase": lambda r: {},
-    "change_case:english_capital": lambda r: {},
-    "change_case:capital_word_frequency": lambda r: {
-        "capital_frequency": r.randint(2, 5), "capital_relation": r.choice(_RELATIONS)},
-    "detectable_format:title": lambda r: {},
-    "detectable_format:json_format": lambda r: {},
-    "detectable_format:number_bullet_lists": lambda r: {"num_bullets": r.randint(2, 5)},
-    "detectable_format:number_highlighted_sections": lambda r: {"num_highlights": r.randint(1, 3)},
-    "detectable_format:multiple_sections": lambda r: {
-        "section_spliter": r.choice(("Section", "SECTION", "PART")), "num_sections": r.randint(2, 4)},
-    "length_constraints:number_words": lambda r: {
-        "num_words": r.choice((40, 60, 80, 120, 200)), "relation": r.choice(_RELATIONS)},
-    "length_constraints:number_sentences": lambda r: {
-        "num_sentences": r.randint(2, 8), "relation": r.choice(_RELATIONS)},
-    "length_constraints:number_paragraphs": lambda r: {"num_paragraphs": r.randint(2, 4)},
-    "keywords:existence": lambda r: {"keywords": r.sample(_KEYWORDS, 2)},
-    "keywords:forbidden_words": lambda r: {"forbidden_words": r.sample(_FORBIDDEN, 2)},
-    "keywords:frequency": lambda r: {
-        "keyword": r.choice(_KEYWORDS), "frequency": r.randint(2, 3), "relation": "at least"},
-    "keywords:letter_frequency": lambda r: {
-        "letter": r.choice(_LETTERS), "let_frequency": r.randint(3, 8), "let_relation": r.choice(_RELATIONS)},
-    "detectable_content:postscript": lambda r: {"postscript_marker": r.choice(("P.S.", "P.P.S"))},
-    "detectable_content:number_placeholders": lambda r: {"num_placeholders": r.randint(1, 3)},
-    "startend:end_checker": lambda r: {"end_phrase": r.choice(_END_PHRASES)},
-    "startend:quotation": lambda r: {},
-    "combination:two_responses": lambda r: {},
-}
-GENERATED_IDS: tuple[str, ...] = tuple(sorted(_SAMPLERS))
+GENERATED_IDS: tuple[str, ...] = tuple(sorted(SAMPLERS))  # every instruction type with a sampler (eval.checkers)
 
 
 @lru_cache(maxsize=1)
 def conflicts() -> dict[str, frozenset[str]]:
-    """lm-eval's conflict table, made symmetric (if A conflicts with B, B conflicts with A) and reflexive."""
+    """lm-eval's conflict table and the project types' own (eval.checkers), made symmetric (if A conflicts with
+    B, B conflicts with A) and reflexive."""
     from eval.ifeval import conflict_table
 
-    table = {k: set(v) | {k} for k, v in conflict_table().items()}
+    table = {k: set(v) | {k} for k, v in {**conflict_table(), **project_conflicts()}.items()}
     for k, vs in list(table.items()):
         for v in vs:
             table.setdefault(v, {v}).add(k)
@@ -78,11 +43,10 @@ def conflicts() -> dict[str, frozenset[str]]:
 
 
 def check_heldout_types(ids: Collection[str]) -> list[str]:
-    """Problems with a held-out type list (empty = fine): unknown IFEval ids, or nothing left to draw."""
-    from eval.ifeval import INSTRUCTION_IDS
+    """Problems with a held-out type list (empty = fine): unknown instruction ids, or nothing left to draw."""
+    from eval.ifeval import KNOWN_IDS
 
-    problems = [f"{i!r} is not an IFEval instruction id (known: {', '.join(INSTRUCTION_IDS)})"
-                for i in ids if i not in INSTRUCTION_IDS]
+    problems = [f"{i!r} is not an instruction id (known: {', '.join(KNOWN_IDS)})" for i in ids if i not in KNOWN_IDS]
     if set(GENERATED_IDS) <= set(ids):
         problems.append("every instruction type the constraint generator draws is held out: nothing left to train on")
     return problems
@@ -108,7 +72,7 @@ def sample_constraints(rng: random.Random, k: int, exclude: Collection[str] = ()
             break
         if iid in blocked or any(iid in table.get(c.id, ()) for c in chosen):
             continue
-        chosen.append(Constraint(id=iid, kwargs=_SAMPLERS[iid](rng)))
+        chosen.append(Constraint(id=iid, kwargs=SAMPLERS[iid](rng)))
         blocked |= table.get(iid, frozenset({iid}))
     return chosen
 

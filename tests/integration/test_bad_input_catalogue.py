@@ -91,7 +91,7 @@ CASES = [
     Case("dedupe-threshold", "pairs.dedupe_threshold above what MinHash resolves",
          lambda t, m: _pipe(t, "pairs.dedupe_threshold=0.99"), r"less than or equal to 0\.95", 2),
     Case("heldout-unknown", "an eval.heldout_types entry that is no IFEval id",
-         lambda t, m: _pipe(t, "eval.heldout_types=[keywords:nonsense]"), "is not an IFEval instruction id", 2),
+         lambda t, m: _pipe(t, "eval.heldout_types=[keywords:nonsense]"), "is not an instruction id", 2),
     Case("one-candidate", "pairs.k and pairs.revisions that give one candidate",
          lambda t, m: _pipe(t, "pairs.k=1", "pairs.revisions=0"), "gives one candidate; a pair needs two", 2),
     Case("template-broken", "model.template pointing at broken YAML",

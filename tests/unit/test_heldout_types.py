@@ -43,7 +43,7 @@ def test_own_suite_still_asks_heldout_types():
 
 def test_bad_heldout_lists_are_refused():
     assert check_heldout_types(["change_case:english_lowercase"]) == []
-    assert "not an IFEval instruction id" in check_heldout_types(["keywords:nonsense"])[0]
+    assert "is not an instruction id" in check_heldout_types(["keywords:nonsense"])[0]
     assert "nothing left" in check_heldout_types(list(GENERATED_IDS))[0]
     with pytest.raises(ValueError, match="keywords:nonsense"):
         make_item({"id": "t", "task": "Say hi."}, seed=0, exclude=["keywords:nonsense"])

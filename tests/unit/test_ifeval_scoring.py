@@ -209,7 +209,7 @@ def test_check_single_constraints():
     assert ifeval.check("length_constraints:number_words", words, "p", "one two three four") is False
     assert ifeval.check("startend:quotation", {}, "p", 'Sure:\n"quoted"') is False
     assert ifeval.check("startend:quotation", {}, "p", 'Sure:\n"quoted"', loose=True) is True
-    with pytest.raises(KeyError, match="unknown IFEval instruction id 'punctuation:no_commas'"):
+    with pytest.raises(KeyError, match="unknown instruction id 'punctuation:no_commas'"):
         ifeval.check("punctuation:no_commas", {}, "p", "x")
 
 

@@ -88,7 +88,7 @@ def test_user_file_reports_every_bad_row(tmp_path):
     with pytest.raises(ValueError) as ei:
         file_instructions(p)
     msg = str(ei.value)
-    assert "3 problem(s)" in msg and "row 1" in msg and "unknown IFEval instruction id 'nope:x'" in msg and "row 3" in msg
+    assert "3 problem(s)" in msg and "row 1" in msg and "unknown instruction id 'nope:x'" in msg and "row 3" in msg
     with pytest.raises(FileNotFoundError, match="pairs.input_file"):
         file_instructions(tmp_path / "missing.jsonl")
 

@@ -13,7 +13,7 @@ def test_default_heldout_types_pass():
 
 def test_unknown_or_all_heldout_types_are_refused():
     cfg = load_config(None, ["eval.heldout_types=[keywords:nonsense, startend:quotation]"])
-    with pytest.raises(ConfigError, match="'keywords:nonsense' is not an IFEval instruction id"):
+    with pytest.raises(ConfigError, match="'keywords:nonsense' is not an instruction id"):
         validate_pipeline(cfg, None)
     cfg = load_config(None, [f"eval.heldout_types=[{', '.join(GENERATED_IDS)}]"])
     with pytest.raises(ConfigError, match="nothing left to train on"):
