@@ -131,9 +131,60 @@ def _summary(scores: dict) -> dict[str, float | None]:
             "lowercase_rate": d["lowercase_rate"], "no_comma_rate": d["no_comma_rate"]}
 
 
+CI_KEYS = (("metrics", "prompt_loose"), ("metrics", "prompt_loose_clean"), ("metrics", "instruction_loose_clean"),
+           ("heldout", "loose"), ("degeneration", "words_median"), ("degeneration", "loop_rate"),
+           ("degeneration", "lowercase_rate"), ("degeneration", "no_comma_rate"))
+
+
+def ci_table(arm_dirs: dict[str, Path], heldout: list[str]) -> str:
+    """Each arm against ``base``: the value, the change and its 95% paired bootstrap interval
+    (:func:`eval.report.compare`; on the own suite it resamples whole seed tasks, since a task's variants are
+    not independent). An arm's change is worth reading only where its interval excludes 0."""
+    from eval.report import compare
+
+    if "base" not in arm_dirs:
+        return "(no base arm: no intervals)"
+    head = "| arm | " + " | ".join(("heldout_loose" if s == "heldout" else k) for s, k in CI_KEYS) + " |"
+    lines = [head, "|---" * (len(CI_KEYS) + 1) + "|"]
+    by = ""
+    for arm, d in arm_dirs.items():
+        if arm == "base":
+            continue
+        c = compare(arm_dirs["base"], d, heldout_types=heldout)
+        by = f"{c['n_paired']} prompts, resampled by {c.get('resampled', 'prompt')} ({c.get('n_groups')} groups)"
+        cells = []
+        for sect, k in CI_KEYS:
+            v = c[sect][k]
+            fmt = ".0f" if k == "words_median" else ".3f"
+            if v["b"] is None or v["delta"] is None:
+                cells.append("n/a")
+                continue
+            ci = f" [{v['ci95'][0]:+{fmt}}, {v['ci95'][1]:+{fmt}}]" if v["ci95"] else ""
+            cells.append(f"{v['b']:{fmt}} ({v['delta']:+{fmt}}{ci}){' *' if v['significant'] else ''}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return f"\nchange against base, 95% paired bootstrap interval; * = excludes 0; {by}\n" + "\n".join(lines)
+
+
+def report(dirs: list[Path], heldout: list[str], suite_items: list[dict] | None) -> None:
+    """``--report``: the interval table over the arms of one or more probe output dirs (results written by a
+    probe before rows carried ``task_id`` get it from the suite, by key)."""
+    arm_dirs: dict[str, Path] = {}
+    task_of = {it["key"]: it.get("task_id") for it in suite_items or ()}
+    for d in dirs:
+        for res in sorted(d.glob("*/results.jsonl")):
+            rows = [json.loads(x) for x in res.read_text().splitlines() if x.strip()]
+            if any("task_id" not in r and task_of.get(r["key"]) for r in rows):
+                from shared.atomic import atomic_write_text
+
+                atomic_write_text(res, "".join(json.dumps({**r, "task_id": r.get("task_id") or task_of.get(r["key"])})
+                                               + "\n" for r in rows))
+            arm_dirs.setdefault(res.parent.name, res.parent)
+    print(ci_table(dict(sorted(arm_dirs.items(), key=lambda kv: kv[0] != "base")), heldout))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=Path, required=True, help="a built round's pairs dir (shards + extras.parquet)")
+    ap.add_argument("--pairs", type=Path, help="a built round's pairs dir (shards + extras.parquet); not with --report")
     ap.add_argument("--config", default="configs/base-gpu.yaml", help="its train settings are the arms' recipe")
     ap.add_argument("--base", default="gemma3-270m")
     ap.add_argument("--arms", default=",".join(ARMS), help="built-in arms, comma-separated ('' for none)")
@@ -146,8 +197,19 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("runs/length_probe"))
+    ap.add_argument("--report", type=Path, nargs="+", metavar="DIR",
+                    help="no training: the interval table of earlier probes' output dirs (their arms, against base)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every trained arm (key=value)")
     args = ap.parse_args()
+    if args.report:
+        from eval.constraints import own_suite
+        from shared.config import load_config
+
+        report(args.report, load_config(args.config, []).eval.heldout_types,
+               own_suite(variants=args.variants) if args.suite == "own" else None)
+        return 0
+    if args.pairs is None:
+        ap.error("--pairs is required (or --report DIR... for the table of earlier probes)")
     names = [a for a in args.arms.split(",") if a]
     if bad := [a for a in names if a not in ARMS]:
         ap.error(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
@@ -223,17 +285,7 @@ def main() -> int:
     atomic_write_json(args.out / "probe.json", {"pairs": str(args.pairs), "config": args.config, "suite": args.suite,
                                                 "prompts": len(items),
                                                 "overrides": args.overrides, "arms": results})
-    keys = ["prompt_loose", "prompt_loose_clean", "instruction_loose", "instruction_loose_clean", "heldout_loose",
-            "words_median", "loop_rate", "truncation_rate", "lowercase_rate", "no_comma_rate"]
-    print("\n| arm | pairs | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2))
-    ref = results.get("base")
-    for arm, r in results.items():
-        cells = []
-        for k in keys:
-            v = r.get(k)
-            d = "" if ref is None or arm == "base" or v is None or ref.get(k) is None else f" ({v - ref[k]:+.3f})"
-            cells.append("n/a" if v is None else f"{v:.3f}{d}" if k != "words_median" else f"{v:.0f}{d}")
-        print(f"| {arm} | {r.get('pairs', 0)} | " + " | ".join(cells) + " |")
+    print(ci_table({arm: args.out / arm for arm in results}, heldout))
     return 0
 
 

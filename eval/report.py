@@ -325,19 +325,37 @@ def _interval(deltas: Any, n_boot: int) -> list[float] | None:
     return [float(d[int(0.025 * len(d))]), float(d[max(0, int(0.975 * len(d)) - 1)])]
 
 
-def _paired(pa: list[tuple[float, int]], pb: list[tuple[float, int]], idx: Any) -> dict[str, Any]:
-    """Pooled A, B, B - A and a percentile bootstrap interval of B - A over the resampled prompts ``idx``."""
+def _paired(pa: list[tuple[float, int]], pb: list[tuple[float, int]], w: Any) -> dict[str, Any]:
+    """Pooled A, B, B - A and a percentile bootstrap interval of B - A; ``w`` (boots x prompts) counts how often
+    each prompt is in each resample (:func:`_resample_weights`)."""
     import numpy as np
 
     a_num, a_den = (np.array(x, dtype=float) for x in zip(*pa))
     b_num, b_den = (np.array(x, dtype=float) for x in zip(*pb))
     with np.errstate(invalid="ignore", divide="ignore"):
-        boots = b_num[idx].sum(1) / b_den[idx].sum(1) - a_num[idx].sum(1) / a_den[idx].sum(1)
+        boots = (w @ b_num) / (w @ b_den) - (w @ a_num) / (w @ a_den)
     a = pooled(pa) if a_den.sum() else None
     b = pooled(pb) if b_den.sum() else None
-    ci = _interval(boots, len(idx)) if a is not None and b is not None else None
+    ci = _interval(boots, len(w)) if a is not None and b is not None else None
     return {"a": a, "b": b, "delta": b - a if a is not None and b is not None else None, "ci95": ci,
             "significant": bool(ci and (ci[0] > 0 or ci[1] < 0)), "n_a": int(a_den.sum()), "n_b": int(b_den.sum())}
+
+
+def _resample_weights(groups: Sequence[str] | None, n: int, n_boot: int, seed: int) -> Any:
+    """(boots x n) counts of each prompt in each bootstrap resample. Without ``groups``, prompts are resampled
+    one by one; with them (one label per prompt), whole groups are: the variants of one seed task share the task,
+    so their verdicts are not independent, and a prompt-level interval would be too narrow."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        idx = rng.integers(0, n, size=(n_boot, n))
+        return np.stack([np.bincount(row, minlength=n) for row in idx]).astype(float)
+    labels = sorted(set(groups))
+    of = np.array([labels.index(g) for g in groups])
+    draws = rng.integers(0, len(labels), size=(n_boot, len(labels)))
+    counts = np.stack([np.bincount(row, minlength=len(labels)) for row in draws])
+    return counts[:, of].astype(float)
 
 
 def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: int = 0,
@@ -374,9 +392,13 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: i
     rec_types, rec_long = _recorded_settings(recorded)
     heldout_types = rec_types if heldout_types is None else heldout_types
     long_words = rec_long if long_words is None else long_words
-    idx = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
-    out: dict[str, Any] = {"n_paired": len(keys), "metrics": {}}
     ra, rb = [a[k] for k in keys], [b[k] for k in keys]
+    tasks = [r.get("task_id") for r in ra]  # the own suite's items name their seed task; IFEval's do not
+    groups = tasks if all(tasks) and len(set(tasks)) < len(tasks) else None
+    idx = _resample_weights(groups, len(keys), n_boot, seed)
+    out: dict[str, Any] = {"n_paired": len(keys), "metrics": {},
+                           "resampled": "prompt" if groups is None else "seed task",
+                           "n_groups": len(keys) if groups is None else len(set(groups))}
     for m in (*METRICS, *CLEAN_METRICS):
         out["metrics"][m] = _paired([metric_parts(r, m) for r in ra], [metric_parts(r, m) for r in rb], idx)
     held = set(heldout_types)
@@ -392,7 +414,8 @@ def compare(a_dir: str | Path, b_dir: str | Path, *, n_boot: int = 2000, seed: i
     wa = np.array([p["words"] for p in prof_a], dtype=float)
     wb = np.array([p["words"] for p in prof_b], dtype=float)
     ma, mb = float(np.median(wa)), float(np.median(wb))
-    ci = _interval(np.median(wb[idx], axis=1) - np.median(wa[idx], axis=1), n_boot)
+    reps = [np.repeat(np.arange(len(wa)), row.astype(int)) for row in idx]
+    ci = _interval(np.array([np.median(wb[r]) - np.median(wa[r]) for r in reps]), n_boot)
     deg["words_median"] = {"a": ma, "b": mb, "delta": mb - ma, "ci95": ci,
                            "significant": bool(ci and (ci[0] > 0 or ci[1] < 0)), "n_a": len(wa), "n_b": len(wb)}
     for n in (1, 2):  # a property of the whole set: no per-prompt bootstrap
@@ -413,7 +436,9 @@ def _row(name: str, v: dict[str, Any], fmt: str = ".4f") -> str:
 
 
 def format_compare(c: dict[str, Any], a: str, b: str) -> str:
-    rows = [f"B = {b}\nA = {a}\n{c['n_paired']} paired prompts; 95% paired bootstrap interval of B - A", "",
+    by = ("" if c.get("resampled", "prompt") == "prompt"
+          else f", resampled by {c['resampled']} ({c['n_groups']} groups: variants of one task are not independent)")
+    rows = [f"B = {b}\nA = {a}\n{c['n_paired']} paired prompts; 95% paired bootstrap interval of B - A{by}", "",
             f"{'metric':<20}{'A':>8}{'B':>8}{'B-A':>9}   95% CI              "]
     rows += [_row(m, v) for m, v in c["metrics"].items()]
     held = c.get("heldout")

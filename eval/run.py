@@ -259,6 +259,8 @@ def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, st
         r = ifeval.score_response(it, response)
         r.update(finish_reason=finish, response=response, cut_at_new_turn=cut,
                  degenerate=finish == "length" or is_looping(response))
+        if it.get("task_id"):  # the own suite's seed task: compare resamples whole tasks
+            r["task_id"] = it["task_id"]
         results.append(r)
     scores = ifeval.aggregate(results)
     scores.update(clean_scores(results))
@@ -290,10 +292,10 @@ def run_eval(
             raise EvalError(f"{name_} must be >= 1, got {value}" + (" (leave it out for every prompt)"
                                                                      if name_ == "limit" else ""))
     heldout_types = list(DEFAULT_HELDOUT_TYPES if heldout_types is None else heldout_types)
-    unknown = [t for t in heldout_types if t not in ifeval.INSTRUCTION_IDS]
+    unknown = [t for t in heldout_types if t not in ifeval.KNOWN_IDS]
     if unknown:
-        raise EvalError(f"held-out instruction types {unknown} are not IFEval instruction ids; known: "
-                        f"{', '.join(ifeval.INSTRUCTION_IDS)}")
+        raise EvalError(f"held-out instruction types {unknown} are not instruction ids; known: "
+                        f"{', '.join(ifeval.KNOWN_IDS)}")
     out = Path(out_dir)
     name, items = load_suite(suite, limit)  # validate input before touching the server
     tpl = template or load_template()

@@ -76,3 +76,30 @@ def test_compare_names_a_corrupt_results_file(tmp_path, capsys, content, match):
     assert main(["compare", str(d), str(d)]) == 2
     err = capsys.readouterr().err
     assert re.search(match, err) and str(d) in err and "Traceback" not in err
+
+
+def _write_tasks(d, flags, tasks):
+    d.mkdir(parents=True)
+    d.joinpath("results.jsonl").write_text("".join(
+        json.dumps({**r, "task_id": t}) + "\n" for r, t in zip(_results(flags), tasks, strict=True)))
+
+
+def test_compare_resamples_whole_tasks_when_rows_name_them(tmp_path):
+    # 10 tasks x 10 variants; B gains on 3 tasks (every variant) and loses on 2: a gain carried by a few tasks
+    tasks = [f"seed-{i // 10}" for i in range(100)]
+    b = [i // 10 in (0, 1, 2) for i in range(100)]
+    a = [i // 10 in (3, 4) for i in range(100)]
+    _write_tasks(tmp_path / "a", a, tasks)
+    _write_tasks(tmp_path / "b", b, tasks)
+    (tmp_path / "pa").mkdir(), (tmp_path / "pb").mkdir()  # the same verdicts without task ids
+    _write(tmp_path / "pa" / "x", a)
+    _write(tmp_path / "pb" / "x", b)
+    by_task = compare(tmp_path / "a", tmp_path / "b", n_boot=1000)
+    by_prompt = compare(tmp_path / "pa" / "x", tmp_path / "pb" / "x", n_boot=1000)
+    assert by_task["resampled"] == "seed task" and by_task["n_groups"] == 10
+    assert by_prompt["resampled"] == "prompt" and by_prompt["n_groups"] == 100
+    t, p = by_task["metrics"]["prompt_strict"], by_prompt["metrics"]["prompt_strict"]
+    assert abs(t["delta"] - 0.1) < 1e-9 and abs(p["delta"] - 0.1) < 1e-9
+    # correlated variants: the task-level interval is much wider, and here it does not exclude 0
+    assert (t["ci95"][1] - t["ci95"][0]) > 2 * (p["ci95"][1] - p["ci95"][0])
+    assert not t["significant"]
