@@ -5,7 +5,7 @@
 # Steps: (1) fetch .whl/train with ../shared/gpu/fetch_wheels.sh if missing (its wheels are reused when the
 # pinned version matches); (2) pip download the pinned wheels below for CPython 3.12 x86_64; (3) build
 # langdetect's wheel from its sdist (only an sdist on PyPI); (4) one reproducible uncompressed tar of
-# wheels/*.whl, split into OUT/c1/part (16 MiB) and OUT/c2.. (62 MiB each); manifest.txt in OUT and each cN/.
+# wheels/*.whl, split into OUT/c1/part (16 MiB) and OUT/c2.. (58 MiB each); manifest.txt in OUT and each cN/.
 # Left out on purpose: what the vLLM set (.whl/vllm/v1..v6) installs (pydantic*, annotated_types,
 # typing_extensions, typing_inspection, dill, msgspec, attrs, jsonschema*, referencing, rpds-py) and the big
 # core packages the GPU machine already has (torch, transformers, numpy, ...).
@@ -100,7 +100,7 @@ with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as t:
         t.add(f"{work}/{n}", arcname=n, filter=norm)
 tar_sha, chunks, i = hashlib.sha256(), [], 1
 with open(tar, "rb") as f:
-    while b := f.read(16 << 20 if i == 1 else 62 << 20):   # c1: 16 MiB, then 62 MiB = 65011712 bytes
+    while b := f.read(16 << 20 if i == 1 else 58 << 20):   # c1: 16 MiB, then 58 MiB (a call carries 64 MiB with the repo)
         os.makedirs(f"{out}/c{i}"); open(f"{out}/c{i}/part", "wb").write(b)
         tar_sha.update(b); chunks.append(f"chunk c{i} {len(b)} {hashlib.sha256(b).hexdigest()}"); i += 1
 text = "\n".join([f"tar_sha256 {tar_sha.hexdigest()}", f"tar_size {os.path.getsize(tar)}",
