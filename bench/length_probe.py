@@ -19,7 +19,9 @@ fresh LoRA from the base trained with the config's ``train`` settings (the train
 ``--arm`` adds an arm of your own, e.g. ``--arm "sft cut+noecho train.loss_type=[sigmoid,sft]"``: a name, a
 source (``built``, ``cut`` or ``checker``) with modifiers (``+noecho``: without the pairs whose chosen answer
 restates its instruction's constraint sentences, :func:`pair_builder.verify.echo_grams`; ``+stopF``: keep the
-share F of the stop pairs, e.g. ``+stop0.3``; ``+nostop``, ``+nocontrast``), then config overrides.
+share F of the stop pairs, e.g. ``+stop0.3``; ``+nostop``, ``+nocontrast``; ``+ctr``: the habit contrasts made
+again as pair building makes them now, with the arm's ``pairs.habit_contrast`` and
+``pairs.incidental_habit_weight``), then config overrides.
 
 The arms are scored on a development suite by default (``--suite own``: the seed tasks pair building never uses,
 x ``--variants`` constraint draws, the same checkers as IFEval), so that a recipe chosen here is not chosen on the
@@ -55,12 +57,43 @@ def _rows(path: Path) -> list[dict]:
 BUILT_IN = {"built": "built", "cut": "cut", "checker": "checker", "ld": "built train.ld_alpha=0.0"}
 
 
-def arm_pairs(pairs_dir: Path, source: str) -> tuple[list[dict], list[dict]]:
+def rebuild_contrasts(checker: list[dict], stops: list[dict], *, habit_contrast: float,
+                      incidental_weight: float) -> list[dict]:
+    """The habit contrasts pair building would add to these checker and stop pairs today
+    (:func:`pair_builder.extras.contrasts`, :func:`~pair_builder.extras.habit_push`), made from the checker pairs'
+    chosen answers: per habit, ``habit_contrast`` x its push, in pair building's fixed order."""
+    from pair_builder.extras import CONTRAST_PREFIX, contrasts, extra_id, habit_push
+    from pair_builder.verify import check_text, dominates
+    from shared.prompting import load_template
+    from shared.records import Constraint, content_hash
+
+    tpl = load_template()
+    pool: dict[str, list[tuple[str, dict]]] = {}
+    for r in checker:
+        cons = [Constraint(**c) for c in json.loads(r["constraints"] or "[]")]
+        ins = tpl.instruction_of(r["prompt"])
+        chosen_passed = check_text(r["chosen"], ins, cons)
+        for habit, changed in contrasts(r["chosen"], [c.id for c in cons]).items():
+            if dominates(chosen_passed, check_text(changed, ins, cons), strict=False):
+                kind = f"{CONTRAST_PREFIX}{habit}"
+                pool.setdefault(kind, []).append((r["id"], {**r, "id": extra_id(r["id"], kind), "rejected": changed,
+                                                             "principle_id": kind}))
+    push = habit_push([*checker, *stops], incidental_weight)
+    out = []
+    for habit, n in push.items():
+        kind = f"{CONTRAST_PREFIX}{habit}"
+        ranked = sorted(pool.get(kind, ()), key=lambda ix: content_hash(0, ix[0], kind))
+        out += [x for _, x in ranked[:max(round(habit_contrast * n), 0)]]
+    return out
+
+
+def arm_pairs(pairs_dir: Path, source: str, pairs=None) -> tuple[list[dict], list[dict]]:
     """(checker rows, extra rows) that ``source`` (``built|cut|checker`` and ``+`` modifiers, see the module doc)
-    trains on, without reference log-prob columns."""
+    trains on, without reference log-prob columns. ``pairs``: the arm's ``pairs`` config section (``+ctr``)."""
     from pair_builder.audit import echoes
     from pair_builder.extras import EXTRAS_FILE, cut_loop
     from pair_builder.sample import Candidate
+    from shared.config import load_config
     from shared.prompting import load_template
 
     arm, *mods = source.split("+")
@@ -81,8 +114,14 @@ def arm_pairs(pairs_dir: Path, source: str) -> tuple[list[dict], list[dict]]:
             extras = [r for r in extras if r["id"] not in drop]
         elif mod == "nocontrast":
             extras = [r for r in extras if not r["principle_id"].startswith("contrast:")]
+        elif mod == "ctr":
+            extras = [r for r in extras if not r["principle_id"].startswith("contrast:")]
+            pairs = pairs or load_config("configs/base-gpu.yaml", []).pairs
+            extras += rebuild_contrasts(checker, [r for r in extras if r["principle_id"] == "stop"],
+                                        habit_contrast=pairs.habit_contrast,
+                                        incidental_weight=pairs.incidental_habit_weight)
         else:
-            raise ValueError(f"unknown modifier +{mod}: noecho, stopF, nostop, nocontrast")
+            raise ValueError(f"unknown modifier +{mod}: noecho, stopF, nostop, nocontrast, ctr")
     if arm == "checker":
         return checker, []
     if arm == "cut":
@@ -264,16 +303,17 @@ def main() -> int:
             if arm == "base":
                 score(arm, AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), {"pairs": 0})
                 continue
-            checker, extras = arm_pairs(args.pairs, recipe[0])
+            over = [f"run.root={Path(tmp) / arm}", "run.name=run", f"train.base_model={base}", "train.report_to=[]",
+                    *args.overrides, *recipe[1:]]
+            cfg = load_config(args.config, over)
+            checker, extras = arm_pairs(args.pairs, recipe[0], cfg.pairs)
             pairs = Path(tmp) / arm / "run" / "round-0" / "pairs"
             pairs.mkdir(parents=True)
             pd.DataFrame(checker).to_parquet(pairs / "shard-00000.parquet")
             if extras:
                 pd.DataFrame(extras).to_parquet(pairs / EXTRAS_FILE)
-            over = [f"run.root={Path(tmp) / arm}", "run.name=run", f"train.base_model={base}", "train.report_to=[]",
-                    *args.overrides, *recipe[1:]]
             t0 = time.monotonic()
-            res = train(load_config(args.config, over))
+            res = train(cfg)
             train_s = time.monotonic() - t0
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                               res.adapter_dir).merge_and_unload()

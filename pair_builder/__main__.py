@@ -244,7 +244,7 @@ def run(cfg: Config) -> int:
         entries = list(writer.done.values())
         records = writer.records()
         extras = select_extras(entries, records, habit_contrast=p.habit_contrast, stop_pairs=p.stop_pairs,
-                               seed=p.seed)
+                               seed=p.seed, incidental_weight=p.incidental_habit_weight)
         write_extras(rd.pairs, extras, writer.schema)
         info = {
             "run": cfg.run.name, "round": p.round, "model": served.name, "model_revision": served.revision,
@@ -256,7 +256,7 @@ def run(cfg: Config) -> int:
                         "min_task_overlap": p.min_task_overlap, "min_pmi": p.min_pmi,
                         "max_edit_distance": p.max_edit_distance, "drop_unrequested_habits": p.drop_unrequested_habits},
             "extras": extras_summary(entries, records, extras, habit_contrast=p.habit_contrast,
-                                     stop_pairs=p.stop_pairs),
+                                     stop_pairs=p.stop_pairs, incidental_weight=p.incidental_habit_weight),
             "servers": ", ".join(checked.servers), "instructions": len(instructions),
             "sources": ", ".join(p.sources), "usd_per_hour": cfg.cost.gpu_usd_per_hour,
             "cost_usd": ledger.totals().get("pairs", {}).get("cost_usd", 0.0),  # every submission's pairs stage

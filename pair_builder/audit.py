@@ -294,7 +294,8 @@ def labelled_table(ev: dict[str, Any]) -> str:
 
 
 def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pairs: float = 0.0, seed: int = 0,
-                  min_overlap: float | None = 0.2, records: bool = False) -> dict[str, Any]:
+                  min_overlap: float | None = 0.2, records: bool = False,
+                  incidental_weight: float = 1.0) -> dict[str, Any]:
     """What :mod:`pair_builder.extras` adds to a built round, replayed on its ``.meta/candidates.jsonl``
     (written with ``pairs.record_candidates``) without a server: the extra pairs by kind and the habit balance
     (:func:`pair_builder.extras.habit_balance`) of the checker pairs alone and with the extras; with ``records``,
@@ -326,7 +327,8 @@ def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pa
         entries.append({"id": row["id"], "extras": [
             {"kind": x["kind"], "record": {**base, "chosen": x["chosen"], "rejected": x["rejected"],
                                            "principle_id": x["kind"]}} for x in xs]})
-    extras = select_extras(entries, checker, habit_contrast=habit_contrast, stop_pairs=stop_pairs, seed=seed)
+    extras = select_extras(entries, checker, habit_contrast=habit_contrast, stop_pairs=stop_pairs, seed=seed,
+                           incidental_weight=incidental_weight)
     return {"pairs": len(checker), "items": len(entries), **({"records": extras} if records else {}),
             "candidates": dict(Counter(x["kind"] for e in entries for x in e["extras"]).most_common()),
             "extras": dict(Counter(r["principle_id"] for r in extras).most_common()),
@@ -349,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-extras", action="store_true", help="with a pairs dir: the extra pairs its recorded "
                     "candidates give (pair_builder.extras) and the habit balance with and without them")
     ap.add_argument("--habit-contrast", type=float, default=1.0, help="with --replay-extras (pairs.habit_contrast)")
+    ap.add_argument("--incidental-weight", type=float, default=1.0,
+                    help="with --replay-extras (pairs.incidental_habit_weight)")
     ap.add_argument("--stop-pairs", type=float, default=0.0, help="with --replay-extras (pairs.stop_pairs)")
     args = ap.parse_args(argv)
     template = load_template(args.template)
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         from pair_builder.extras import balance_table
 
         res = replay_extras(args.pairs_dir, habit_contrast=args.habit_contrast, stop_pairs=args.stop_pairs,
+                            incidental_weight=args.incidental_weight,
                             seed=args.seed)
         print(f"{res['pairs']} checker pairs from {res['items']} items; extra-pair candidates {res['candidates']}; "
               f"selected {res['extras']}\n")

@@ -334,6 +334,11 @@ class PairsConfig(Section):
                                   "that push it down. A contrast pushes far harder than a checker pair: on gemma3-270m "
                                   "one per lowercase pair turned lowercase down everywhere, asked or not "
                                   "(bench/contrast_probe.py, docs/training.md); 0.25 is near neutral. 0 = off.")
+    incidental_habit_weight: float = Field(0.25, ge=0.0, le=1.0, description="How much a pair counts toward a "
+                                           "habit's push (pairs.habit_contrast) when its instruction did not ask "
+                                           "for the habit: then the habit is one difference among many. On "
+                                           "gemma3-270m, 23 such pairs against lowercase did not offset 26 that "
+                                           "asked for it (docs/training.md); 1 = count them fully.")
     stop_pairs: float = Field(0.0, ge=0.0, description="Stop pairs per checker pair: a finished answer against a "
                               "looping or truncated one of the same instruction that passes no more constraints "
                               "(pair_builder.extras). For base models that loop to the token limit; 0 = off.")

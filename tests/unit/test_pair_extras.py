@@ -1,5 +1,7 @@
 """Extra pairs (pair_builder.extras): stop pairs, habit contrasts, their selection over a round, the file."""
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -10,6 +12,7 @@ from pair_builder.extras import (
     cut_loop,
     extras_counts,
     extras_summary,
+    habit_push,
     rewarded_habits,
     select_extras,
     stop_pair,
@@ -158,6 +161,10 @@ def test_select_extras_balances_each_rewarded_habit():
     records["down"] = {"id": "down", "chosen": PROSE, "rejected": PROSE.lower()}
     kinds = [r["principle_id"] for r in select_extras(entries, records, habit_contrast=1.0, stop_pairs=0.0)]
     assert kinds.count("contrast:lowercase") == 2
+    # none of these instructions asked for lowercase: at a weight of 0.25, 3 - 1 incidental pairs make no contrast
+    kinds = [r["principle_id"] for r in select_extras(entries, records, habit_contrast=1.0, stop_pairs=0.0,
+                                                      incidental_weight=0.25)]
+    assert kinds.count("contrast:lowercase") == 0
     assert select_extras(entries, records, habit_contrast=0.0, stop_pairs=0.0) == []
     summary = extras_summary(entries, records, out, habit_contrast=1.0, stop_pairs=0.5)
     assert summary["rewarded_habits"] == {"lowercase": 3} and summary["written"]["stop"] == 6
@@ -211,3 +218,12 @@ def test_audit_replays_the_extras_of_a_recorded_round(tmp_path):
     assert res["balance_with_extras"]["lowercase"] == {"asked_up": 1, "asked_down": 0, "unasked_up": 0,
                                                        "unasked_down": 0}
     assert main([str(tmp_path), "--replay-extras", "--stop-pairs", "1"]) == 0
+
+
+def test_habit_push_counts_asked_pairs_fully_and_incidental_ones_at_their_weight():
+    asked = json.dumps([{"id": "change_case:english_lowercase", "kwargs": {}}])
+    rows = [{"chosen": PROSE.lower(), "rejected": PROSE, "constraints": asked}] * 4  # asked: up
+    rows += [{"chosen": PROSE, "rejected": PROSE.lower(), "constraints": "[]"}] * 4  # not asked: down
+    assert habit_push(rows, 1.0)["lowercase"] == 0  # looks balanced when every difference counts alike
+    assert habit_push(rows, 0.25)["lowercase"] == 3.0
+    assert habit_push(rows, 0.0)["lowercase"] == 4.0 and habit_push(rows, 0.0)["uppercase"] == 0

@@ -1,0 +1,39 @@
+"""bench/length_probe.py's arm sources on the committed round's pairs (no model: what each arm trains on)."""
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from length_probe import arm_pairs  # noqa: E402
+
+from pair_builder.extras import habit_push  # noqa: E402
+from shared.config import load_config  # noqa: E402
+
+PAIRS = ROOT / "docs" / "runs" / "base-gpu" / "run-2" / "pairs"
+
+
+def _pairs_cfg(*over):
+    return load_config(ROOT / "configs" / "base-gpu.yaml", list(over)).pairs
+
+
+def test_ctr_rebuilds_contrasts_as_pair_building_counts_them():
+    checker, extras = arm_pairs(PAIRS, "cut+noecho+ctr", _pairs_cfg())
+    kinds = Counter(r["principle_id"] for r in extras)
+    stops = [r for r in extras if r["principle_id"] == "stop"]
+    push = habit_push([*checker, *stops], 0.25)
+    # lowercase: 26 asked pairs reward it, 23 incidental ones penalise it -> 20.25 x 0.25 = 5 contrasts
+    assert kinds["contrast:lowercase"] == round(0.25 * push["lowercase"]) == 5
+    for r in extras:
+        if r["principle_id"] == "contrast:lowercase":
+            asked = {c["id"] for c in json.loads(r["constraints"])}
+            assert "change_case:english_lowercase" not in asked and r["rejected"] == r["chosen"].lower()
+    assert len({r["id"] for r in extras}) == len(extras)
+    # counted fully, the incidental pairs hide the lowercase push; no contrasts at all when turned off
+    _, full = arm_pairs(PAIRS, "cut+noecho+ctr", _pairs_cfg("pairs.incidental_habit_weight=1.0"))
+    assert not any(r["principle_id"] == "contrast:lowercase" for r in full)
+    _, off = arm_pairs(PAIRS, "cut+noecho+ctr", _pairs_cfg("pairs.habit_contrast=0"))
+    assert Counter(r["principle_id"] for r in off) == {"stop": kinds["stop"]}
