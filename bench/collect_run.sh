@@ -2,9 +2,12 @@
 # Pack a run's small outputs (reports, scores, per-prompt results, pair stats/cards/shards, DPO summaries and curves,
 # merge reports, ledgers, server log tails) into OUT/NAME.tgz (split into 15 MiB parts NAME.tgz.aa, .ab, ... when
 # larger: the device tool returns at most 8 files of 16 MiB, 2 folders deep). Model weights stay behind.
-#   bash bench/collect_run.sh runs/base-gpu "$OUT"        then: cat NAME.tgz.* | tar xz
+#   bash bench/collect_run.sh runs/base-gpu "$OUT" [--adapters]     then: cat NAME.tgz.* | tar xz
+# --adapters also keeps each round's LoRA adapter (round-K/adapter, no checkpoints; ~30 MB a round for
+# gemma3-270m at r=32): with them the run continues on another machine, where `pipeline run` merges each round
+# again from its adapter before serving it (a merged model is derived data).
 set -uo pipefail
-RUN=$(cd "${1:?run dir}" && pwd); DEST=${2:?out dir}; NAME=$(basename "$RUN")
+RUN=$(cd "${1:?run dir}" && pwd); DEST=${2:?out dir}; NAME=$(basename "$RUN"); ADAPTERS=${3:-}
 mkdir -p "$DEST"; DEST=$(cd "$DEST" && pwd)
 OUT=$(mktemp -d)/$NAME; mkdir -p "$OUT"
 cd "$RUN" || exit 1
@@ -15,6 +18,12 @@ find . \( -path '*/merged/*' -a ! -name merge_report.json \) -prune -o \
        -o -name 'audit.json' -o -name 'train_summary.json' -o -name 'metrics.jsonl' -o -name 'merge_report.json' \
        -o -name 'ledger.jsonl' -o -name '*.parquet' -o -name 'candidates.jsonl' \) -print 2>/dev/null |
   while read -r f; do mkdir -p "$OUT/$(dirname "$f")"; cp -f "$f" "$OUT/$f"; done
+if [ "$ADAPTERS" = "--adapters" ]; then
+  for a in round-*/adapter; do
+    [ -d "$a" ] || continue
+    mkdir -p "$OUT/$a"; find "$a" -maxdepth 1 -type f -exec cp -f {} "$OUT/$a/" \;
+  done
+fi
 for log in gen_server-round-*.log; do [ -f "$log" ] && tail -n 80 "$log" > "$OUT/$log.tail"; done
 tar czf "$DEST/$NAME.tgz" -C "$(dirname "$OUT")" "$NAME"
 if [ "$(stat -c %s "$DEST/$NAME.tgz")" -gt $((15 << 20)) ]; then

@@ -322,6 +322,12 @@ def _check_run_dir(path: Path) -> None:
                            "choose another run.root"], "pipeline config")
 
 
+def _has_weights(model_dir: Path) -> bool:
+    """A saved model, not just its merge report: ``config.json`` and at least one safetensors file. A merged model
+    is derived data (base + ``round-k/adapter``), so a run dir carried to another machine may leave it behind."""
+    return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+
+
 def run(cfg: Config) -> int:
     """Run (or continue) the loop until a stopping rule fires. Returns the process exit code."""
     from pipeline.report import write_report
@@ -362,6 +368,11 @@ def run(cfg: Config) -> int:
                 log.info("stopping in round %d: %s", k, reason)
                 break
             _mark(state, f"round-{k}/train")
+        merged = rd.round(k, create=False).merged
+        if state.done(f"round-{k}/merge") and not _has_weights(merged):
+            log.warning("round %d's merged model %s has no weights (a run dir copied without them?): merging "
+                        "round-%d/adapter again", k, merged, k)
+            del state.data["steps"][f"round-{k}/merge"]
         if not state.done(f"round-{k}/merge"):
             _stage([sys.executable, "-m", "trainer.merge", "--config", str(cfg_path), f"train.round={k}"],
                    f"round-{k}/merge")
