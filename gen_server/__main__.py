@@ -23,31 +23,21 @@ variable, since command lines are visible to other users of the machine.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import ipaddress
 import logging
 import os
 import sys
 from pathlib import Path
 
+from gen_server import backends
+from gen_server.backends import LIMITS
 from gen_server.models import KNOWN_MODELS, ModelPrepareError, UnknownModelError, check_model_dir, resolve_model
 from shared.log import setup_logging
 
 log = logging.getLogger("gen_server")
 
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
-# Options that only one backend understands; given for the other backend they are an error, not ignored.
-VLLM_ONLY = (
-    "quantization",
-    "gpu_memory_utilization",
-    "tensor_parallel_size",
-    "data_parallel_size",
-    "enable_prefix_caching",
-    "health_timeout",
-    "log_file",
-)
-LIMITS = ("max_prompts", "max_n", "max_stop", "max_request_tokens", "max_scored_tokens")  # embedded.RequestLimits
-EMBEDDED_ONLY = ("max_batch_size", *LIMITS)
+# Options only one backend understands (gen_server.backends): given for another they are an error, not ignored.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--backend",
-        choices=["embedded", "vllm"],
+        choices=list(backends.BACKENDS),
         default=None,
         help="default: vllm if a CUDA GPU is visible and vllm is installed, else embedded",
     )
@@ -144,14 +134,6 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: may resolve to anything
 
 
-def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
-    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
-
-
-def _vllm_only_given(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
-    return _given(args, VLLM_ONLY) + (["arguments after --"] if passthrough else [])
-
-
 def _validate(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
     """Every problem with the arguments at once, before any heavy import or model loading."""
     problems = []
@@ -174,26 +156,25 @@ def _validate(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.health_timeout is not None and args.health_timeout <= 0:
         problems.append(f"--health-timeout must be positive, got {args.health_timeout}")
-    if args.backend == "embedded":
-        wrong = _vllm_only_given(args, passthrough)
-        if wrong:
-            problems.append(f"{', '.join(wrong)} only apply to --backend vllm")
-    if args.backend == "vllm" and (wrong := _given(args, EMBEDDED_ONLY)):
-        problems.append(f"{', '.join(wrong)} only apply to --backend embedded")
+    if args.backend is not None and (wrong := backends.only_given(args.backend, args, passthrough)):
+        problems.append(_misplaced(wrong))
     return problems
 
 
-def choose_backend() -> tuple[str, str]:
-    """(backend, why) when --backend is not given."""
-    if importlib.util.find_spec("vllm") is None:
-        return "embedded", "vllm is not installed"
-    if importlib.util.find_spec("torch") is None:
-        return "embedded", "torch is not installed"
-    import torch
+def _misplaced(flags: list[str]) -> str:
+    """``--x, --y only apply to --backend B`` for each backend that owns some of ``flags``."""
+    by_owner: dict[str, list[str]] = {}
+    for f in flags:
+        dest = f.removeprefix("--").replace("-", "_")
+        owner = next((b.name for b in backends.BACKENDS.values()
+                      if dest in b.only or (f == "arguments after --" and b.passthrough)), "another backend")
+        by_owner.setdefault(owner, []).append(f)
+    return "; ".join(f"{', '.join(fs)} only apply to --backend {o}" for o, fs in by_owner.items())
 
-    if not torch.cuda.is_available():
-        return "embedded", "no CUDA GPU is visible"
-    return "vllm", "a CUDA GPU is visible and vllm is installed"
+
+def choose_backend() -> tuple[str, str]:
+    """(backend, why) when --backend is not given: the first of ``gen_server.backends.PREFERENCE`` that can run."""
+    return backends.choose()
 
 
 def _model_dir(model: str, max_model_len: int | None = None, passthrough: list[str] = ()) -> Path:
@@ -234,51 +215,16 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = args.backend
     if backend is None:
-        backend, why = choose_backend()
-        log.info("backend: %s (%s; pass --backend to choose)", backend, why)
-        if backend == "embedded" and (wrong := _vllm_only_given(args, passthrough)):
-            log.error("%s need the vllm backend, but %s was chosen", ", ".join(wrong), backend)
+        try:
+            backend, why = choose_backend()
+        except RuntimeError as e:
+            log.error("%s", e)
             return 2
-
-    if backend == "vllm":
-        from gen_server.vllm_backend import VllmOptions, run_vllm
-
-        opts = VllmOptions(
-            model=str(model_dir),
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            served_model_name=served_name,
-            dtype=args.dtype,
-            quantization=args.quantization or "none",
-            max_model_len=args.max_model_len,
-            gpu_memory_utilization=args.gpu_memory_utilization or 0.9,
-            seed=args.seed,
-            tensor_parallel_size=args.tensor_parallel_size or 1,
-            data_parallel_size=args.data_parallel_size or 1,
-            enable_prefix_caching=args.enable_prefix_caching,
-            extra_args=passthrough,
-        )
-        return run_vllm(opts, health_timeout=args.health_timeout or 900.0, log_path=args.log_file)
-
-    from gen_server.embedded import RequestLimits, serve  # torch + transformers: import only when serving on CPU
-
-    limits = RequestLimits(**{k: getattr(args, k) for k in LIMITS if getattr(args, k) is not None})
-
-    serve(
-        model_dir,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        served_model_name=served_name,
-        max_batch_size=args.max_batch_size or 16,
-        max_model_len=args.max_model_len,
-        dtype=args.dtype,
-        seed=args.seed,
-        log_level=args.log_level,
-        limits=limits,
-    )
-    return 0
+        log.info("backend: %s (%s; pass --backend to choose)", backend, why)
+        if wrong := backends.only_given(backend, args, passthrough):
+            log.error("%s, but %s was chosen (%s)", _misplaced(wrong), backend, why)
+            return 2
+    return backends.get(backend).run(args, model_dir, served_name, passthrough)
 
 
 if __name__ == "__main__":

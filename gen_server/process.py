@@ -75,26 +75,16 @@ class ServerProcess:
         Only the options of the backend that will run are passed (gen_server rejects the other's);
         ``auto`` is resolved here the way ``python -m gen_server`` would.
         """
+        from gen_server import backends
+
         backend = server.backend
         if backend == "auto":
-            from gen_server.__main__ import choose_backend
-
-            backend, why = choose_backend()
+            backend, why = backends.choose()
             log.info("server backend: %s (%s)", backend, why)
         args = ["--dtype", server.dtype, "--seed", str(server.seed)]
         if server.max_model_len:
             args += ["--max-model-len", str(server.max_model_len)]
-        if backend == "embedded":
-            args += ["--max-batch-size", str(server.max_batch_size)]
-        else:
-            args += ["--quantization", server.quantization,
-                     "--gpu-memory-utilization", str(server.gpu_memory_utilization),
-                     "--tensor-parallel-size", str(server.tensor_parallel_size),
-                     "--data-parallel-size", str(server.data_parallel_size),
-                     "--enable-prefix-caching" if server.enable_prefix_caching else "--no-enable-prefix-caching",
-                     "--health-timeout", str(server.health_timeout_s)]
-            if server.extra_args:
-                args += ["--", *server.extra_args]
+        args += backends.get(backend).config_args(server)  # only the flags the backend that will run understands
         kwargs.setdefault("health_timeout", server.health_timeout_s)
         return cls(model, backend=backend, host=server.host, api_key=server.api_key,
                    served_model_name=server.served_model_name, extra_args=args, **kwargs)

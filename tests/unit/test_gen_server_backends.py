@@ -1,0 +1,65 @@
+"""The serving backend registry (gen_server.backends): auto choice, options only one backend understands, the
+flags a ServerConfig becomes, and a third backend added through the seam."""
+
+import pytest
+
+from gen_server import backends
+from gen_server.__main__ import _validate, build_parser
+from gen_server.process import ServerProcess
+from shared.config import ServerConfig
+
+
+def _avail(monkeypatch, **why_not):
+    for name, why in why_not.items():
+        b = backends.BACKENDS[name]
+        monkeypatch.setitem(backends.BACKENDS, name, backends.Backend(**{**b.__dict__, "unavailable": lambda w=why: w}))
+
+
+def test_auto_takes_vllm_on_a_gpu_and_says_why_it_did_not(monkeypatch):
+    _avail(monkeypatch, vllm=None, embedded=None)
+    assert backends.choose() == ("vllm", "a CUDA GPU is visible and vllm is installed")
+    _avail(monkeypatch, vllm="no CUDA GPU is visible", embedded=None)
+    assert backends.choose() == ("embedded", "no CUDA GPU is visible")
+    _avail(monkeypatch, vllm="vllm is not installed", embedded="torch is not installed")
+    with pytest.raises(RuntimeError, match="no serving backend can run here: vllm is not installed; torch is not"):
+        backends.choose()
+
+
+def test_options_of_the_other_backend_are_refused_by_name(tiny_model_dir):
+    def problems(*argv, passthrough=()):
+        return _validate(build_parser().parse_args(["--model", str(tiny_model_dir), *argv]), list(passthrough))
+
+    assert problems("--backend", "embedded", "--quantization", "fp8", passthrough=["--max-num-seqs", "8"]) == [
+        "--quantization, arguments after -- only apply to --backend vllm"]
+    assert problems("--backend", "vllm", "--max-batch-size", "4") == ["--max-batch-size only apply to --backend "
+                                                                      "embedded"]
+    assert problems("--backend", "vllm", "--gpu-memory-utilization", "0.5", passthrough=["--enforce-eager"]) == []
+
+
+def test_a_config_becomes_only_its_backends_flags():
+    emb = ServerProcess.from_config(ServerConfig(backend="embedded", max_batch_size=4), "m").extra_args
+    assert "--max-batch-size" in emb and "--quantization" not in emb and "--" not in emb
+    vl = ServerProcess.from_config(ServerConfig(backend="vllm", extra_args=["--enforce-eager"]), "m").extra_args
+    assert "--gpu-memory-utilization" in vl and "--max-batch-size" not in vl
+    assert vl[vl.index("--") + 1:] == ["--enforce-eager"]
+
+
+def test_a_third_backend_is_one_registration(monkeypatch, tiny_model_dir):
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    monkeypatch.setattr(backends, "PREFERENCE", list(backends.PREFERENCE))
+    served = []
+    backends.register(backends.Backend(
+        "echo", unavailable=lambda: None, run=lambda args, d, name, rest: served.append((d, args.port)) or 0,
+        config_args=lambda s: ["--max-batch-size", "1"], only=()))
+    with pytest.raises(ValueError, match="already registered"):
+        backends.register(backends.BACKENDS["echo"])
+    assert "echo" in build_parser()._option_string_actions["--backend"].choices
+    # the options that belong to the others are refused for it too
+    args = build_parser().parse_args(["--model", str(tiny_model_dir), "--backend", "echo", "--quantization", "fp8"])
+    assert _validate(args, []) == ["--quantization only apply to --backend vllm"]
+    from gen_server.__main__ import main
+
+    assert main(["--model", str(tiny_model_dir), "--backend", "echo", "--port", "18123"]) == 0
+    assert served == [(tiny_model_dir, 18123)]
+    with pytest.raises(ValueError, match="unknown serving backend 'nope'; known: embedded, vllm, echo"):
+        backends.get("nope")
