@@ -59,41 +59,38 @@ BUILT_IN = {"built": "built", "cut": "cut", "checker": "checker", "ld": "built t
 
 def rebuild_contrasts(checker: list[dict], stops: list[dict], *, habit_contrast: float,
                       incidental_weight: float) -> list[dict]:
-    """The habit contrasts pair building would add to these checker and stop pairs today
-    (:func:`pair_builder.extras.contrasts`, :func:`~pair_builder.extras.habit_push`), made from the checker pairs'
-    chosen answers: per habit, ``habit_contrast`` x its push, in pair building's fixed order."""
-    from pair_builder.extras import CONTRAST_PREFIX, contrasts, extra_id, habit_push
+    """The habit contrasts pair building would add to these checker and stop pairs today: the candidates
+    (:func:`pair_builder.extras.contrasts` of each checker pair's chosen answer that passes no constraint the
+    answer fails), chosen by :func:`pair_builder.extras.select_extras` itself."""
+    from pair_builder.extras import CONTRAST_PREFIX, contrasts, select_extras
     from pair_builder.verify import check_text, dominates
     from shared.prompting import load_template
-    from shared.records import Constraint, content_hash
+    from shared.records import Constraint
 
     tpl = load_template()
-    pool: dict[str, list[tuple[str, dict]]] = {}
+    entries = []
     for r in checker:
         cons = [Constraint(**c) for c in json.loads(r["constraints"] or "[]")]
         ins = tpl.instruction_of(r["prompt"])
         chosen_passed = check_text(r["chosen"], ins, cons)
-        for habit, changed in contrasts(r["chosen"], [c.id for c in cons]).items():
-            if dominates(chosen_passed, check_text(changed, ins, cons), strict=False):
-                kind = f"{CONTRAST_PREFIX}{habit}"
-                pool.setdefault(kind, []).append((r["id"], {**r, "id": extra_id(r["id"], kind), "rejected": changed,
-                                                             "principle_id": kind}))
-    push = habit_push([*checker, *stops], incidental_weight)
-    out = []
-    for habit, n in push.items():
-        kind = f"{CONTRAST_PREFIX}{habit}"
-        ranked = sorted(pool.get(kind, ()), key=lambda ix: content_hash(0, ix[0], kind))
-        out += [x for _, x in ranked[:max(round(habit_contrast * n), 0)]]
-    return out
+        entries.append({"id": r["id"], "extras": [
+            {"kind": f"{CONTRAST_PREFIX}{h}", "record": {**r, "rejected": changed, "principle_id": f"{CONTRAST_PREFIX}{h}"}}
+            for h, changed in contrasts(r["chosen"], [c.id for c in cons]).items()
+            if dominates(chosen_passed, check_text(changed, ins, cons), strict=False)]})
+    # the stop pairs count toward each habit's push as they do in pair building; none are taken again
+    records = {r["id"]: r for r in [*checker, *stops]}
+    return select_extras(entries, records, habit_contrast=habit_contrast, stop_pairs=0.0,
+                         incidental_weight=incidental_weight)
 
 
 def arm_pairs(pairs_dir: Path, source: str, pairs=None) -> tuple[list[dict], list[dict]]:
     """(checker rows, extra rows) that ``source`` (``built|cut|checker`` and ``+`` modifiers, see the module doc)
-    trains on, without reference log-prob columns. ``pairs``: the arm's ``pairs`` config section (``+ctr``)."""
+    trains on, without reference log-prob columns. ``pairs``: the arm's ``pairs`` config section (``+ctr``;
+    default: the schema's defaults)."""
     from pair_builder.audit import echoes
     from pair_builder.extras import EXTRAS_FILE, cut_loop
     from pair_builder.sample import Candidate
-    from shared.config import load_config
+    from shared.config import PairsConfig
     from shared.prompting import load_template
 
     arm, *mods = source.split("+")
@@ -116,7 +113,7 @@ def arm_pairs(pairs_dir: Path, source: str, pairs=None) -> tuple[list[dict], lis
             extras = [r for r in extras if not r["principle_id"].startswith("contrast:")]
         elif mod == "ctr":
             extras = [r for r in extras if not r["principle_id"].startswith("contrast:")]
-            pairs = pairs or load_config("configs/base-gpu.yaml", []).pairs
+            pairs = pairs or PairsConfig()
             extras += rebuild_contrasts(checker, [r for r in extras if r["principle_id"] == "stop"],
                                         habit_contrast=pairs.habit_contrast,
                                         incidental_weight=pairs.incidental_habit_weight)
