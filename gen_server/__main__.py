@@ -161,14 +161,8 @@ def _validate(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
     return problems
 
 
-def _misplaced(flags: list[str]) -> str:
-    """``--x, --y only apply to --backend B`` for each backend that owns some of ``flags``."""
-    by_owner: dict[str, list[str]] = {}
-    for f in flags:
-        dest = f.removeprefix("--").replace("-", "_")
-        owner = next((b.name for b in backends.BACKENDS.values()
-                      if dest in b.only or (f == "arguments after --" and b.passthrough)), "another backend")
-        by_owner.setdefault(owner, []).append(f)
+def _misplaced(by_owner: dict[str, list[str]]) -> str:
+    """``--x, --y only apply to --backend B`` for each backend that owns some of the options given."""
     return "; ".join(f"{', '.join(fs)} only apply to --backend {o}" for o, fs in by_owner.items())
 
 

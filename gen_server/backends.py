@@ -69,15 +69,22 @@ def choose() -> tuple[str, str]:
     raise RuntimeError("no serving backend can run here: " + "; ".join(reasons))
 
 
-def only_given(backend: str, args: argparse.Namespace, passthrough: Sequence[str]) -> list[str]:
-    """The options given that other backends understand and ``backend`` does not (as ``--flag`` names)."""
+def only_given(backend: str, args: argparse.Namespace, passthrough: Sequence[str]) -> dict[str, list[str]]:
+    """The options given that ``backend`` does not understand, by the backend that owns them (``--flag`` names;
+    ``arguments after --`` for a passthrough backend's)."""
     mine = set(get(backend).only)
-    wrong = [n for b in BACKENDS.values() if b.name != backend for n in b.only
-             if n not in mine and getattr(args, n, None) is not None]
-    flags = list(dict.fromkeys("--" + n.replace("_", "-") for n in wrong))
-    if passthrough and not get(backend).passthrough:
-        flags.append("arguments after --")
-    return flags
+    out: dict[str, list[str]] = {}
+    for b in BACKENDS.values():
+        if b.name == backend:
+            continue
+        flags = ["--" + n.replace("_", "-") for n in b.only if n not in mine and getattr(args, n, None) is not None]
+        if b.passthrough and passthrough and not get(backend).passthrough:
+            flags.append("arguments after --")
+        if flags:
+            out[b.name] = flags
+    if passthrough and not get(backend).passthrough and not any("arguments after --" in f for f in out.values()):
+        out["another backend"] = [*out.get("another backend", []), "arguments after --"]
+    return out
 
 
 # ---- embedded (transformers on CPU) -------------------------------------------------------------------------
