@@ -21,7 +21,9 @@ source (``built``, ``cut`` or ``checker``) with modifiers (``+noecho``: without 
 restates its instruction's constraint sentences, :func:`pair_builder.verify.echo_grams`; ``+stopF``: keep the
 share F of the stop pairs, e.g. ``+stop0.3``; ``+nostop``, ``+nocontrast``; ``+ctr``: the habit contrasts made
 again as pair building makes them now, with the arm's ``pairs.habit_contrast`` and
-``pairs.incidental_habit_weight``), then config overrides.
+``pairs.incidental_habit_weight``; ``+rep``: the format-repair pairs pair building would add with the arm's
+``pairs.repair_pairs``, or 0.5 when that is 0, replayed from the round's recorded candidates,
+``.meta/candidates.jsonl[.gz]``, :mod:`pair_builder.repair`), then config overrides.
 
 The arms are scored on a development suite by default (``--suite own``: the seed tasks pair building never uses,
 x ``--variants`` constraint draws, the same checkers as IFEval), so that a recipe chosen here is not chosen on the
@@ -117,8 +119,18 @@ def arm_pairs(pairs_dir: Path, source: str, pairs=None) -> tuple[list[dict], lis
             extras += rebuild_contrasts(checker, [r for r in extras if r["principle_id"] == "stop"],
                                         habit_contrast=pairs.habit_contrast,
                                         incidental_weight=pairs.incidental_habit_weight)
+        elif mod == "rep":
+            from pair_builder.audit import replay_extras
+            from pair_builder.extras import REPAIR
+            from shared.config import EvalConfig
+
+            pairs = pairs or PairsConfig()
+            got = replay_extras(pairs_dir, habit_contrast=0.0, stop_pairs=0.0, records=True,
+                                repair_pairs=pairs.repair_pairs or 0.5, no_repair=list(EvalConfig().heldout_types))
+            extras += [{k: v for k, v in r.items() if not k.startswith("ref_")}
+                       for r in got["records"] if r["principle_id"] == REPAIR]
         else:
-            raise ValueError(f"unknown modifier +{mod}: noecho, stopF, nostop, nocontrast, ctr")
+            raise ValueError(f"unknown modifier +{mod}: noecho, stopF, nostop, nocontrast, ctr, rep")
     if arm == "checker":
         return checker, []
     if arm == "cut":

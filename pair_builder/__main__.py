@@ -77,7 +77,8 @@ def build_settings(cfg: Config, model: str, revision: str, eos_token: str | None
         record_candidates=p.record_candidates, pair_rule=p.pair_rule, copy_span=p.copy_span,
         rule_out_looping=p.rule_out_looping, relevance=Relevance(min_overlap=p.min_task_overlap, min_pmi=p.min_pmi),
         drop_unrequested_habits=p.drop_unrequested_habits, stop_pairs=p.stop_pairs > 0,
-        habit_contrast=p.habit_contrast > 0,
+        habit_contrast=p.habit_contrast > 0, repair=p.repair_pairs > 0,
+        no_repair=tuple(cfg.eval.heldout_types),
     )
 
 
@@ -244,7 +245,7 @@ def run(cfg: Config) -> int:
         entries = list(writer.done.values())
         records = writer.records()
         extras = select_extras(entries, records, habit_contrast=p.habit_contrast, stop_pairs=p.stop_pairs,
-                               seed=p.seed, incidental_weight=p.incidental_habit_weight)
+                               seed=p.seed, incidental_weight=p.incidental_habit_weight, repair_pairs=p.repair_pairs)
         write_extras(rd.pairs, extras, writer.schema)
         info = {
             "run": cfg.run.name, "round": p.round, "model": served.name, "model_revision": served.revision,
@@ -256,7 +257,8 @@ def run(cfg: Config) -> int:
                         "min_task_overlap": p.min_task_overlap, "min_pmi": p.min_pmi,
                         "max_edit_distance": p.max_edit_distance, "drop_unrequested_habits": p.drop_unrequested_habits},
             "extras": extras_summary(entries, records, extras, habit_contrast=p.habit_contrast,
-                                     stop_pairs=p.stop_pairs, incidental_weight=p.incidental_habit_weight),
+                                     stop_pairs=p.stop_pairs, incidental_weight=p.incidental_habit_weight,
+                                     repair_pairs=p.repair_pairs),
             "servers": ", ".join(checked.servers), "instructions": len(instructions),
             "sources": ", ".join(p.sources), "usd_per_hour": cfg.cost.gpu_usd_per_hour,
             "cost_usd": ledger.totals().get("pairs", {}).get("cost_usd", 0.0),  # every submission's pairs stage

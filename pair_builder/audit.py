@@ -30,11 +30,12 @@ Defects of a pair (what the builder's filters now rule out):
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +296,8 @@ def labelled_table(ev: dict[str, Any]) -> str:
 
 def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pairs: float = 0.0, seed: int = 0,
                   min_overlap: float | None = 0.2, records: bool = False,
-                  incidental_weight: float = 1.0) -> dict[str, Any]:
+                  incidental_weight: float = 1.0, repair_pairs: float = 0.0,
+                  no_repair: Sequence[str] = ()) -> dict[str, Any]:
     """What :mod:`pair_builder.extras` adds to a built round, replayed on its ``.meta/candidates.jsonl``
     (written with ``pairs.record_candidates``) without a server: the extra pairs by kind and the habit balance
     (:func:`pair_builder.extras.habit_balance`) of the checker pairs alone and with the extras; with ``records``,
@@ -305,15 +307,20 @@ def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pa
     from pair_builder.extras import habit_balance, item_extras, select_extras
     from pair_builder.sample import Candidate
     from pair_builder.verify import Relevance, check_text
+    from shared.prompting import load_template
     from shared.records import Constraint
 
+    tpl = load_template()  # the project's: the prompt of an item without a checker pair
     d = Path(pairs_dir)
     path = d / ".meta" / "candidates.jsonl"
+    if not path.exists() and path.with_suffix(".jsonl.gz").exists():  # as kept in docs/runs
+        path = path.with_suffix(".jsonl.gz")
     if not path.exists():
         raise SystemExit(f"{path} not found: build the round with pairs.record_candidates=true to replay it")
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     checker = {r["id"]: r for shard in sorted(d.glob("shard-*.parquet")) for r in pq.read_table(shard).to_pylist()}
     entries = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         row = json.loads(line)
         cands = [Candidate(**{k: c.get(k) for k in ("text", "route", "finish_reason", "parent", "pass_no",
                                                       "critique", "verdict", "problem", "overlap")},
@@ -322,13 +329,15 @@ def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pa
         kept = (row["chosen"], row["rejected"]) if row["id"] in checker else None
         xs = item_extras(cands, kept=kept, constraint_ids=[c.id for c in cons],
                          check=lambda t, ins=row["instruction"], cs=cons: check_text(t, ins, cs),
-                         relevance=Relevance(min_overlap=min_overlap))
-        base = checker.get(row["id"], {"prompt": "", "constraints": json.dumps(row["constraints"])})
+                         relevance=Relevance(min_overlap=min_overlap), repair=repair_pairs > 0,
+                         constraints=cons, no_repair=no_repair)
+        base = checker.get(row["id"]) or {"prompt": tpl.render(row["instruction"]), "instruction_id": row["id"],
+                                          "constraints": json.dumps(row["constraints"], sort_keys=True)}
         entries.append({"id": row["id"], "extras": [
             {"kind": x["kind"], "record": {**base, "chosen": x["chosen"], "rejected": x["rejected"],
                                            "principle_id": x["kind"]}} for x in xs]})
     extras = select_extras(entries, checker, habit_contrast=habit_contrast, stop_pairs=stop_pairs, seed=seed,
-                           incidental_weight=incidental_weight)
+                           incidental_weight=incidental_weight, repair_pairs=repair_pairs)
     return {"pairs": len(checker), "items": len(entries), **({"records": extras} if records else {}),
             "candidates": dict(Counter(x["kind"] for e in entries for x in e["extras"]).most_common()),
             "extras": dict(Counter(r["principle_id"] for r in extras).most_common()),
@@ -354,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--incidental-weight", type=float, default=1.0,
                     help="with --replay-extras (pairs.incidental_habit_weight)")
     ap.add_argument("--stop-pairs", type=float, default=0.0, help="with --replay-extras (pairs.stop_pairs)")
+    ap.add_argument("--repair-pairs", type=float, default=0.0, help="with --replay-extras (pairs.repair_pairs)")
+    ap.add_argument("--config", default=None, help="with --replay-extras: its eval.heldout_types are never "
+                    "repaired (default: the schema's)")
     args = ap.parse_args(argv)
     template = load_template(args.template)
     if args.labelled:
@@ -365,10 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(res["sweeps"], indent=1))
     elif args.pairs_dir and args.replay_extras:
         from pair_builder.extras import balance_table
+        from shared.config import EvalConfig, load_config
 
         res = replay_extras(args.pairs_dir, habit_contrast=args.habit_contrast, stop_pairs=args.stop_pairs,
-                            incidental_weight=args.incidental_weight,
-                            seed=args.seed)
+                            incidental_weight=args.incidental_weight, repair_pairs=args.repair_pairs,
+                            no_repair=list(load_config(args.config).eval.heldout_types) if args.config else
+                            list(EvalConfig().heldout_types), seed=args.seed)
         print(f"{res['pairs']} checker pairs from {res['items']} items; extra-pair candidates {res['candidates']}; "
               f"selected {res['extras']}\n")
         print("Checker pairs alone:\n" + balance_table(res["balance_pairs"]))

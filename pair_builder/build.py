@@ -61,6 +61,8 @@ class BuildSettings:
     drop_unrequested_habits: bool = True  # no pair whose chosen is all-lower/upper-case unasked (verify.unrequested_habit)
     stop_pairs: bool = False  # collect stop-pair candidates (pair_builder.extras)
     habit_contrast: bool = False  # collect habit-contrast candidates (pair_builder.extras)
+    repair: bool = False  # collect format-repair candidates (pair_builder.repair)
+    no_repair: tuple[str, ...] = ()  # instruction ids never repaired (the eval's held-out types)
 
     def id_settings(self, template: BaseTemplate) -> dict[str, Any]:
         """The sampling settings hashed into pair ids (the template is part of what the model was asked)."""
@@ -177,7 +179,8 @@ def _build(client: Any, ins: Instruction, principle: Principle, iid: str, settin
                                 "reason": decision.reason, "candidates": [c.as_record() for c in cands]}
     extras = item_extras(cands, kept=(decision.chosen, decision.rejected) if decision.kept else None,
                          constraint_ids=[c.id for c in cons], check=lambda t: check_text(t, ins.text, cons),
-                         relevance=settings.relevance, stop=settings.stop_pairs, contrast=settings.habit_contrast)
+                         relevance=settings.relevance, stop=settings.stop_pairs, contrast=settings.habit_contrast,
+                         repair=settings.repair, constraints=cons, no_repair=settings.no_repair)
     if not decision.kept and not extras:
         return
     texts: list[str] = []  # every response to score, once

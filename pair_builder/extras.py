@@ -6,7 +6,7 @@ the model an answer that does NOT do either when it was not asked. After one rou
 that never ask for lowercase were all-lowercase (2% before). And 39% of the base model's answers loop until
 the token limit, but looping candidates were only ever ruled out, so no pair taught the model to stop.
 
-Two kinds of extra pair come from each item, beside its checker pair:
+Three kinds of extra pair come from each item, beside its checker pair:
 
 * **stop** - a finished, relevant candidate against a looping one of the same item, cut just past the first
   repeat of its loop (:func:`stop_pair`, :func:`eval.degeneration.loop_onset`), when the finished one passes
@@ -19,11 +19,15 @@ Two kinds of extra pair come from each item, beside its checker pair:
   instruction does not ask for: the item's chosen answer (which does not show the habit) against the same
   text with the habit applied (:data:`TRANSFORMS`), when that transform passes no constraint the answer fails.
   Set against a pair that rewards lowercase where lowercase was asked for, it says "only when asked".
+* **format repair** - ``repair``: the item's best finished answer with the format instructions it missed
+  applied by rule (:mod:`pair_builder.repair`), against the answer as written, when the checkers pass the
+  repaired text on every constraint the answer passed and more. The base model's samples never show a
+  requested format, so no checker pair can teach one (:func:`repair_pair`).
 
 Items store these as candidates (:func:`item_extras`, with their reference log-probs) in their ``done``
 entry; at the end of a build :func:`select_extras` takes, over the whole round,
 
-* ``stop_pairs`` stop pairs per checker pair;
+* ``stop_pairs`` stop pairs and ``repair_pairs`` repair pairs per checker pair;
 * per habit, ``habit_contrast`` contrast pairs for every pair (checker or stop) that pushes the habit up
   (chosen shows it, rejected does not: :func:`rewarded_habits`) beyond the pairs that push it down, where a pair
   whose instruction did not ask for the habit counts ``incidental_weight`` (:func:`habit_push`). A contrast
@@ -34,7 +38,7 @@ entry; at the end of a build :func:`select_extras` takes, over the whole round,
 
 each in a fixed order from the item id (the same pairs on every rerun), and :func:`write_extras` writes them
 atomically as ``extras.parquet`` beside the shards. It is derived data: rebuilt whole after every build. An
-extra pair's ``principle_id`` names the rule that made it (``stop``, ``contrast:lowercase``, ...).
+extra pair's ``principle_id`` names the rule that made it (``stop``, ``repair``, ``contrast:lowercase``, ...).
 """
 
 from __future__ import annotations
@@ -60,13 +64,15 @@ from eval.degeneration import (
     repeats_sentence,
     words,
 )
+from pair_builder.repair import best_repair
 from pair_builder.sample import Candidate
 from pair_builder.verify import Relevance, dominates, unrequested_habit
 from shared.atomic import atomic_write_bytes
-from shared.records import CONTRAST_PREFIX, STOP_KIND, content_hash
+from shared.records import CONTRAST_PREFIX, REPAIR_KIND, STOP_KIND, content_hash
 
 EXTRAS_FILE = "extras.parquet"
 STOP = STOP_KIND
+REPAIR = REPAIR_KIND
 STOP_MIN_WORDS = 5  # a finished answer shorter than this teaches "say nothing", not "stop"
 
 
@@ -103,8 +109,7 @@ def stop_pair(cands: list[Candidate], *, relevance: Relevance = Relevance(), con
     constraints (then a rewrite, then the earlier); against it the cut loop passing fewest.
     """
     bad = {i: cut for i, c in enumerate(cands) if (cut := cut_loop(c, check)) is not None}
-    good = [i for i, c in enumerate(cands) if c.problem is None and relevance.ok(c)
-            and len(words(c.text)) >= STOP_MIN_WORDS and not repeats_sentence(c.text)]
+    good = usable_answers(cands, relevance)
     options = [(g, b) for g in good for b, (text, passed) in bad.items()
                if dominates(cands[g].passed, passed, strict=False) and cands[g].text.strip() != text.strip()
                and not unrequested_habit(cands[g].text, text, constraint_ids)]
@@ -113,6 +118,28 @@ def stop_pair(cands: list[Candidate], *, relevance: Relevance = Relevance(), con
     g, b = max(options, key=lambda gb: (cands[gb[0]].n_passed, cands[gb[0]].route == "rewrite", -gb[0],
                                         -sum(bad[gb[1]][1]), -gb[1]))
     return g, b, *bad[b]
+
+
+def usable_answers(cands: list[Candidate], relevance: Relevance = Relevance()) -> list[int]:
+    """Indices of the finished answers an extra pair may build on: no problem, relevant, at least
+    :data:`STOP_MIN_WORDS` words, no sentence said twice; most constraints passed first, then the earlier."""
+    good = [i for i, c in enumerate(cands) if c.problem is None and relevance.ok(c)
+            and len(words(c.text)) >= STOP_MIN_WORDS and not repeats_sentence(c.text)]
+    return sorted(good, key=lambda i: (-cands[i].n_passed, i))
+
+
+def repair_pair(cands: list[Candidate], constraints: Sequence[Any], *, check: Callable[[str], list[bool]],
+                relevance: Relevance = Relevance(), exclude: Sequence[str] = ()) -> tuple[int, str, list[bool]] | None:
+    """(answer index, its repaired text, the repaired text's verdicts) for the first usable answer
+    (:func:`usable_answers`) that :func:`pair_builder.repair.best_repair` can make pass more constraints; the
+    other usable answers may serve as a second response. None when no answer can be repaired."""
+    usable = usable_answers(cands, relevance)
+    for g in usable:
+        others = [cands[i].text for i in usable if i != g and cands[i].text.strip() != cands[g].text.strip()]
+        if (got := best_repair(cands[g].text, cands[g].passed, constraints, check, others=others,
+                               exclude=exclude)) is not None:
+            return g, *got
+    return None
 
 
 def contrasts(text: str, constraint_ids: Sequence[str]) -> dict[str, str]:
@@ -137,11 +164,17 @@ def rewarded_habits(chosen: str, rejected: str) -> list[str]:
 
 def item_extras(cands: list[Candidate], *, kept: tuple[int, int] | None, constraint_ids: Sequence[str],
                 check: Callable[[str], list[bool]], relevance: Relevance = Relevance(), stop: bool = True,
-                contrast: bool = True) -> list[dict[str, Any]]:
+                contrast: bool = True, repair: bool = False, constraints: Sequence[Any] = (),
+                no_repair: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The extra-pair candidates of one item: ``{"kind", "chosen", "rejected", "chosen_passed",
     "rejected_passed"}`` dicts (texts and constraint counts). ``kept`` is the item's checker pair (chosen,
-    rejected indices) or None; ``check`` scores a text against the item's constraints."""
+    rejected indices) or None; ``check`` scores a text against the item's constraints. ``repair`` needs the
+    ``constraints`` themselves (ids and kwargs); ``no_repair``: instruction ids never repaired."""
     out: list[dict[str, Any]] = []
+    if repair and (rp := repair_pair(cands, constraints, check=check, relevance=relevance, exclude=no_repair)):
+        g, text, passed = rp
+        out.append({"kind": REPAIR, "chosen": text, "rejected": cands[g].text, "chosen_passed": sum(passed),
+                    "rejected_passed": cands[g].n_passed})
     if stop and (sp := stop_pair(cands, relevance=relevance, constraint_ids=constraint_ids, check=check)):
         g, _, text, passed = sp
         out.append({"kind": STOP, "chosen": cands[g].text, "rejected": text, "chosen_passed": cands[g].n_passed,
@@ -161,21 +194,22 @@ def extra_id(item_id: str, kind: str) -> str:
 
 
 def select_extras(entries: list[dict[str, Any]], records: dict[str, dict[str, Any]], *, habit_contrast: float,
-                  stop_pairs: float, seed: int = 0, incidental_weight: float = 1.0) -> list[dict[str, Any]]:
+                  stop_pairs: float, seed: int = 0, incidental_weight: float = 1.0,
+                  repair_pairs: float = 0.0) -> list[dict[str, Any]]:
     """The round's extra pairs (full pair records), chosen from the items' candidates (``entries``: the done
     log; ``records``: the checker pairs by id). See the module doc for how many of each; a habit difference the
     instruction did not ask for counts ``incidental_weight`` (:func:`habit_push`)."""
     pool: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for e in entries:
         for x in e.get("extras") or ():
-            if x["kind"] == STOP or e["id"] in records:  # a contrast needs its item's checker pair kept
+            if x["kind"] in (STOP, REPAIR) or e["id"] in records:  # a contrast needs its item's checker pair kept
                 pool.setdefault(x["kind"], []).append((e["id"], x))
 
     def take(kind: str, n: int) -> list[dict[str, Any]]:
         ranked = sorted(pool.get(kind, ()), key=lambda ix: content_hash(seed, ix[0], kind))
         return [{**x["record"], "id": extra_id(iid, kind)} for iid, x in ranked[:max(n, 0)]]
 
-    out = take(STOP, round(stop_pairs * len(records)))
+    out = take(STOP, round(stop_pairs * len(records))) + take(REPAIR, round(repair_pairs * len(records)))
     # what the checker pairs and the stop pairs push up and down: contrasts fill the gap
     push = habit_push([*records.values(), *out], incidental_weight)
     for h in TRANSFORMS:
@@ -220,10 +254,12 @@ def balance_table(balance: dict[str, dict[str, int]]) -> str:
 
 
 def extras_summary(entries: list[dict[str, Any]], records: dict[str, dict[str, Any]], written: list[dict[str, Any]],
-                   *, habit_contrast: float, stop_pairs: float, incidental_weight: float = 1.0) -> dict[str, Any]:
+                   *, habit_contrast: float, stop_pairs: float, incidental_weight: float = 1.0,
+                   repair_pairs: float = 0.0) -> dict[str, Any]:
     """For the dataset card: the settings, what the checker pairs reward, the candidates, what was written."""
     return {
         "habit_contrast": habit_contrast, "stop_pairs": stop_pairs, "incidental_habit_weight": incidental_weight,
+        "repair_pairs": repair_pairs,
         "rewarded_habits": dict(Counter(h for r in records.values()
                                         for h in rewarded_habits(r["chosen"], r["rejected"])).most_common()),
         "candidates": dict(Counter(x["kind"] for e in entries for x in e.get("extras") or ()).most_common()),

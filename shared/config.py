@@ -342,6 +342,12 @@ class PairsConfig(Section):
     stop_pairs: float = Field(0.0, ge=0.0, description="Stop pairs per checker pair: a finished answer against a "
                               "looping or truncated one of the same instruction that passes no more constraints "
                               "(pair_builder.extras). For base models that loop to the token limit; 0 = off.")
+    repair_pairs: float = Field(0.0, ge=0.0, description="Format-repair pairs per checker pair: an answer with the "
+                                "format instructions it missed applied by rule (paragraphs, sections, bullets, "
+                                "highlights, postscript, two responses, end phrase, JSON; pair_builder.repair), "
+                                "against the answer as written, when the checkers pass it on more constraints. For "
+                                "base models whose samples never show a format; eval.heldout_types are never "
+                                "repaired. 0 = off.")
     min_task_overlap: float | None = Field(0.2, ge=0.0, le=1.0, description="Chosen must use this share of the task's "
                                            "content words (free; precision 0.86, recall 0.68 for chosen answers "
                                            "labelled irrelevant among 186 labelled pairs); null = off.")

@@ -49,13 +49,14 @@ class PairRecord(BaseModel):
 
 
 STOP_KIND = "stop"
+REPAIR_KIND = "repair"
 CONTRAST_PREFIX = "contrast:"
 
 
 def is_extra(principle_id: str | None) -> bool:
     """True for an extra pair (pair_builder.extras), whose ``principle_id`` names the rule that made it: it need
     not pass more constraints than its rejected answer."""
-    return principle_id == STOP_KIND or (principle_id or "").startswith(CONTRAST_PREFIX)
+    return principle_id in (STOP_KIND, REPAIR_KIND) or (principle_id or "").startswith(CONTRAST_PREFIX)
 
 
 def content_hash(*parts: Any) -> str:

@@ -123,7 +123,7 @@ def load_pairs(pairs_dir: str | Path) -> Dataset:
 
 def split_eval(ds: Dataset, eval_split: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """(train, held-out) rows: ``eval_split`` of the checker pairs held out (None when that rounds to 0).
-    Extra pairs (:func:`shared.records.is_extra`: stop pairs, habit contrasts) all train: they are easy by
+    Extra pairs (:func:`shared.records.is_extra`: stop pairs, format repairs, habit contrasts) all train: they are easy by
     construction, and in the held-out set they would inflate the reward accuracy the run reports."""
     from datasets import concatenate_datasets
 

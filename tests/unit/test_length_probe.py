@@ -37,3 +37,16 @@ def test_ctr_rebuilds_contrasts_as_pair_building_counts_them():
     assert not any(r["principle_id"] == "contrast:lowercase" for r in full)
     _, off = arm_pairs(PAIRS, "cut+noecho+ctr", _pairs_cfg("pairs.habit_contrast=0"))
     assert Counter(r["principle_id"] for r in off) == {"stop": kinds["stop"]}
+
+
+def test_rep_adds_the_format_repairs_replayed_from_the_recorded_candidates():
+    run3 = ROOT / "docs" / "runs" / "base-gpu" / "run-3" / "pairs"
+    checker, built = arm_pairs(run3, "built", _pairs_cfg())
+    _, rep = arm_pairs(run3, "built+rep", _pairs_cfg())
+    added = [r for r in rep if r["principle_id"] == "repair"]
+    assert rep[:len(built)] == built and len(added) == len(rep) - len(built) == round(0.5 * len(checker))
+    _, more = arm_pairs(run3, "built+rep", _pairs_cfg("pairs.repair_pairs=1.0"))
+    assert sum(r["principle_id"] == "repair" for r in more) == len(checker)
+    for r in added:
+        assert r["prompt"].rstrip().endswith("# Answer:") and r["chosen"] != r["rejected"]
+        assert not any(k.startswith("ref_") for k in r)
