@@ -175,12 +175,14 @@ def _summary(scores: dict) -> dict[str, float | None]:
     return {"prompt_loose": scores["prompt_loose"], "instruction_loose": scores["instruction_loose"],
             "prompt_loose_clean": scores["prompt_loose_clean"], "instruction_loose_clean": scores["instruction_loose_clean"],
             "prompt_strict": scores["prompt_strict"], "heldout_loose": (scores["heldout"] or {}).get("loose"),
-            "words_median": d["words_median"], "loop_rate": d["loop_rate"], "truncation_rate": d["truncation_rate"],
+            "words_median": d["words_median"], "loop_rate": d["loop_rate"], "echo_rate": d["echo_rate"],
+            "truncation_rate": d["truncation_rate"],
             "lowercase_rate": d["lowercase_rate"], "no_comma_rate": d["no_comma_rate"]}
 
 
 CI_KEYS = (("metrics", "prompt_loose"), ("metrics", "prompt_loose_clean"), ("metrics", "instruction_loose_clean"),
            ("heldout", "loose"), ("degeneration", "words_median"), ("degeneration", "loop_rate"),
+           ("degeneration", "echo_rate"),
            ("degeneration", "lowercase_rate"), ("degeneration", "no_comma_rate"))
 
 
@@ -214,18 +216,29 @@ def ci_table(arm_dirs: dict[str, Path], heldout: list[str]) -> str:
 
 
 def report(dirs: list[Path], heldout: list[str], suite_items: list[dict] | None) -> None:
-    """``--report``: the interval table over the arms of one or more probe output dirs (results written by a
-    probe before rows carried ``task_id`` get it from the suite, by key)."""
+    """``--report``: the interval table over the arms of one or more probe output dirs. Results written by a
+    probe before rows carried ``task_id`` or ``echo`` get them from the suite, by key (an echo makes the answer
+    degenerate: the clean metrics are then recomputed)."""
+    from eval.degeneration import is_echo
+
     arm_dirs: dict[str, Path] = {}
-    task_of = {it["key"]: it.get("task_id") for it in suite_items or ()}
+    by_key = {it["key"]: it for it in suite_items or ()}
     for d in dirs:
         for res in sorted(d.glob("*/results.jsonl")):
             rows = [json.loads(x) for x in res.read_text().splitlines() if x.strip()]
-            if any("task_id" not in r and task_of.get(r["key"]) for r in rows):
+            new = []
+            for r in rows:
+                it = by_key.get(r["key"])
+                if it is not None and "task_id" not in r and it.get("task_id"):
+                    r = {**r, "task_id": it["task_id"]}
+                if it is not None and "echo" not in r:
+                    echo = is_echo(r["response"], it["prompt"], it.get("kwargs"))
+                    r = {**r, "echo": echo, "degenerate": bool(r.get("degenerate")) or echo}
+                new.append(r)
+            if new != rows:
                 from shared.atomic import atomic_write_text
 
-                atomic_write_text(res, "".join(json.dumps({**r, "task_id": r.get("task_id") or task_of.get(r["key"])})
-                                               + "\n" for r in rows))
+                atomic_write_text(res, "".join(json.dumps(r) + "\n" for r in new))
             arm_dirs.setdefault(res.parent.name, res.parent)
     print(ci_table(dict(sorted(arm_dirs.items(), key=lambda kv: kv[0] != "base")), heldout))
 
@@ -253,8 +266,10 @@ def main() -> int:
         from eval.constraints import own_suite
         from shared.config import load_config
 
+        from eval.ifeval import load_ifeval_prompts
+
         report(args.report, load_config(args.config, []).eval.heldout_types,
-               own_suite(variants=args.variants) if args.suite == "own" else None)
+               own_suite(variants=args.variants) if args.suite == "own" else load_ifeval_prompts())
         return 0
     if args.pairs is None:
         ap.error("--pairs is required (or --report DIR... for the table of earlier probes)")

@@ -165,6 +165,48 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(seen) / total if total else 0.0
 
 
+ECHO_SPAN = 6     # words in a run copied from the prompt
+ECHO_SHARE = 0.5  # an answer at least this much made of such runs restates its prompt instead of answering
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _strings(v)]
+    return []
+
+
+def copied_share(text: str, prompt: str, keep: Any = (), span: int = ECHO_SPAN) -> float:
+    """Share of ``text``'s words inside runs of ``span`` words that also occur in ``prompt``, leaving out runs
+    of the strings the prompt asks the answer to contain (``keep``: an instruction's kwargs, e.g. an end phrase,
+    keywords, a prompt to repeat; any nesting of strings, lists and dicts)."""
+    t = words(text)
+    if len(t) < span:
+        return 0.0
+    p = words(prompt)
+    runs = {tuple(p[i:i + span]) for i in range(len(p) - span + 1)}
+    for s in _strings(keep):
+        w = words(s)
+        runs -= {tuple(w[i:i + span]) for i in range(len(w) - span + 1)}
+    covered = [False] * len(t)
+    for i in range(len(t) - span + 1):
+        if tuple(t[i:i + span]) in runs:
+            covered[i:i + span] = [True] * span
+    return sum(covered) / len(t)
+
+
+def is_echo(text: str, prompt: str, keep: Any = ()) -> bool:
+    """Whether ``text`` restates its prompt: at least :data:`ECHO_SHARE` of its words are copied from it in runs
+    of :data:`ECHO_SPAN` (:func:`copied_share`). A base model answers a quarter of IFEval's prompts this way
+    ("I want to apply for a job ... with a title wrapped in double angular brackets, i.e. <<title>>."), and such
+    an answer passes format checkers by copying the request: on gemma3-270m half of its finished prompt-level
+    passes did (docs/runs/base-gpu/run-3)."""
+    return copied_share(text, prompt, keep) >= ECHO_SHARE
+
+
 def _cased_letters(text: str) -> list[str]:
     return [ch for ch in text if ch.lower() != ch.upper()]
 
@@ -220,6 +262,7 @@ def summarize(texts: Sequence[str], profiles: Sequence[dict[str, Any]], *,
         "n_responses": n,
         "truncation_rate": sum(p["truncated"] for p in profiles) / n if n else 0.0,
         "loop_rate": sum(p["looping"] for p in profiles) / n if n else 0.0,
+        "echo_rate": rate([p.get("echo") for p in profiles])[0],  # None for rows scored before it was recorded
         "distinct_1": distinct_n(list(texts), 1),
         "distinct_2": distinct_n(list(texts), 2),
         "words_median": quantile(lengths, 0.5),
@@ -235,5 +278,6 @@ def flat(block: dict[str, Any]) -> dict[str, float | None]:
     """A degeneration block as one level of named numbers (habits as ``<habit>_rate``), for tables and guards."""
     out = {k: block[k] for k in ("truncation_rate", "loop_rate", "distinct_1", "distinct_2", "words_median",
                                  "words_p90", "words_mean")}
+    out["echo_rate"] = block.get("echo_rate")
     out.update({f"{h}_rate": v["rate"] for h, v in block["habits"].items()})
     return out

@@ -21,12 +21,14 @@ from shared.atomic import atomic_write_text, parse_jsonl_lines
 from shared.config import DEFAULT_HELDOUT_TYPES
 
 METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose")
-# The same four, counting only answers that finished without looping: a base model that loops passes "at least
-# 20 sentences" or "the letter c at least 60 times" by accident. On gemma3-270m, 4.1 of its 13.3 points of
-# prompt_loose came from looping or truncated answers, so a round that teaches it to stop loses them on the
-# official metric even as its finished answers follow more instructions.
+# The same four, counting only answers that finished without looping or restating the prompt: a base model that
+# loops passes "at least 20 sentences" or "the letter c at least 60 times" by accident. On gemma3-270m, 4.1 of its
+# 13.3 points of prompt_loose came from looping or truncated answers, so a round that teaches it to stop loses them
+# on the official metric even as its finished answers follow more instructions. An answer that restates the
+# request passes format instructions the same way (its "<<title>>" and "P.S." are the prompt's): half of that
+# model's remaining prompt-level passes did (eval.degeneration.is_echo).
 CLEAN_METRICS = tuple(f"{m}_clean" for m in METRICS)
-RATE_MEASURES = ("truncation_rate", "loop_rate", *(f"{h}_rate" for h in dg.HABITS))
+RATE_MEASURES = ("truncation_rate", "loop_rate", "echo_rate", *(f"{h}_rate" for h in dg.HABITS))
 DEGENERATION_MEASURES = (*RATE_MEASURES, "words_median", "words_p90", "words_mean", "distinct_1", "distinct_2")
 
 
@@ -60,8 +62,9 @@ def heldout_scores(results: Sequence[dict[str, Any]], types: Sequence[str]) -> d
 
 
 def degenerate(r: dict[str, Any]) -> bool:
-    """Whether a results row's answer is degenerate: it hit max_tokens or loops (:func:`eval.degeneration.is_looping`).
-    Rows scored before this was recorded are judged from their finish reason and response."""
+    """Whether a results row's answer is degenerate: it hit max_tokens, loops (:func:`eval.degeneration.is_looping`)
+    or restates its prompt (:func:`eval.degeneration.is_echo`, recorded since 2026-12-02). Rows scored before
+    ``degenerate`` was recorded are judged from their finish reason and response."""
     if "degenerate" in r:
         return bool(r["degenerate"])
     return r.get("finish_reason") == "length" or dg.is_looping(r.get("response") or "")
@@ -76,8 +79,8 @@ def clean_scores(results: Sequence[dict[str, Any]]) -> dict[str, float]:
 def _profiles(results: Sequence[dict[str, Any]], long_words: int) -> list[dict[str, Any]] | None:
     if not results or any(not isinstance(r.get("response"), str) for r in results):
         return None
-    return [dg.profile(r["response"], r["instruction_id_list"], r.get("finish_reason"), long_words=long_words)
-            for r in results]
+    return [{**dg.profile(r["response"], r["instruction_id_list"], r.get("finish_reason"), long_words=long_words),
+             "echo": r.get("echo")} for r in results]
 
 
 def degeneration_of(results: Sequence[dict[str, Any]], long_words: int = dg.DEFAULT_LONG_WORDS
@@ -248,7 +251,7 @@ def write_report(out_dir: str | Path, scores: dict[str, Any]) -> Path:
         f"Suite `{scores.get('suite')}`, {scores['n_prompts']} prompts, settings `{json.dumps(scores.get('settings', {}))}`; "
         f"{scores.get('truncated', 0)} responses hit max_tokens.",
         "",
-        "| metric | score | clean (answers that finished without looping) |",
+        "| metric | score | clean (answers that finished without looping or echoing the prompt) |",
         "|---|---|---|",
         *(f"| {m} | {scores[m]:.4f} | {_f(scores.get(m + '_clean'), '.4f')} |" for m in METRICS),
         "",

@@ -245,9 +245,10 @@ def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, st
     """Score raw generations ``(text, finish_reason)`` of ``items``: per-prompt results and the scores (IFEval's
     four accuracies, the degeneration block, the held-out types). With the base ``template``, an answer ends
     where the model starts another turn, as in pair building: one that ran on into an invented "# Question:"
-    is scored without it, and counts as finished (the model did end it)."""
+    is scored without it, and counts as finished (the model did end it). An answer is degenerate when it hit
+    the token limit, loops, or restates its prompt (:func:`eval.degeneration.is_echo`)."""
     from eval import ifeval
-    from eval.degeneration import is_looping
+    from eval.degeneration import is_echo, is_looping
     from eval.report import clean_scores, degeneration_of, heldout_scores
 
     results = []
@@ -257,8 +258,9 @@ def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, st
             response, cut = template.cut(response, it["prompt"])
             finish = "stop" if cut else finish
         r = ifeval.score_response(it, response)
-        r.update(finish_reason=finish, response=response, cut_at_new_turn=cut,
-                 degenerate=finish == "length" or is_looping(response))
+        echo = is_echo(response, it["prompt"], it.get("kwargs"))
+        r.update(finish_reason=finish, response=response, cut_at_new_turn=cut, echo=echo,
+                 degenerate=finish == "length" or is_looping(response) or echo)
         if it.get("task_id"):  # the own suite's seed task: compare resamples whole tasks
             r["task_id"] = it["task_id"]
         results.append(r)

@@ -71,7 +71,8 @@ def _scores_plot(rounds: list[tuple[int, dict[str, Any], tuple[float, float] | N
     return out
 
 
-RATE_COLS = ("truncation_rate", "loop_rate", "lowercase_rate", "uppercase_rate", "no_comma_rate", "long_rate")
+RATE_COLS = ("truncation_rate", "loop_rate", "echo_rate", "lowercase_rate", "uppercase_rate", "no_comma_rate",
+             "long_rate")
 
 
 def _degeneration_plot(rows: list[tuple[int, dict[str, Any]]], out: Path) -> Path:
@@ -135,7 +136,8 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
                   f"its guards pass: truncation +{g.max_truncation_rise}, loops +{g.max_loop_rise}, each habit "
                   f"+{g.max_habit_rise} over round 0, median length within {g.max_length_ratio}x of round 0's (either way), held-out "
                   f"score not below round 0's or the previous round's by more than {g.heldout_tolerance}."),
-            ("table", (["round", "truncated", "looping", "lowercase", "uppercase", "no comma", "long", "distinct-1",
+            ("table", (["round", "truncated", "looping", "echoing", "lowercase", "uppercase", "no comma", "long",
+                        "distinct-1",
                         "distinct-2", "words median / p90 / mean", "guards"], rows)),
             ("img", _degeneration_plot(deg, rd.path / "degeneration_by_round.png"))]
     held = [(k, get(k)["heldout"]) for k in ks if get(k)["heldout"]]
@@ -250,8 +252,9 @@ def build(cfg: Config, rd: RunDir, state: RunState) -> list[Block]:
             rows.append([str(k), *(f"{s[m]:.4f}" for m in METRICS), "" if clean is None else f"{clean:.4f}",
                          f"{ci[0]:.3f}..{ci[1]:.3f}" if ci else "", delta, str(s["n_prompts"])])
         blocks += [("h2", f"Scores by round ({rounds[0][1].get('suite')} suite)"),
-                   ("p", "prompt_loose_clean counts only answers that finished without looping: a base model's "
-                         "loops pass length instructions by accident (eval.report.CLEAN_METRICS)."),
+                   ("p", "prompt_loose_clean counts only answers that finished without looping or restating the "
+                         "prompt: a base model's loops pass length instructions by accident, and its restated "
+                         "requests pass format instructions (eval.report.CLEAN_METRICS)."),
                    ("table", (["round", *METRICS, "prompt_loose_clean", f"{metric} 95% CI", "gain", "prompts"],
                               rows)),
                    ("img", _scores_plot(rounds, metric, rd.path / "scores_by_round.png"))]

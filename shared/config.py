@@ -126,8 +126,9 @@ class EvalConfig(Section):
                          "prompt_strict_clean", "prompt_loose_clean", "instruction_strict_clean",
                          "instruction_loose_clean"] = Field(
         "prompt_loose", description="The IFEval metric that decides promotion, --gate and eval.target. A *_clean "
-        "metric counts only answers that finished without looping (eval.report.CLEAN_METRICS): for a base model "
-        "whose loops pass length instructions by accident.")
+        "metric counts only answers that finished without looping or restating the prompt "
+        "(eval.report.CLEAN_METRICS): for a base model whose loops pass length instructions, and whose restated "
+        "requests pass format instructions, by accident.")
     target: float = Field(0.95, ge=0.0, le=1.0, description="The plan's success rate: stop when reached.")
     heldout_types: list[str] = Field(
         default_factory=lambda: list(DEFAULT_HELDOUT_TYPES),

@@ -146,3 +146,36 @@ def test_quantile():
 ])
 def test_repeats_sentence(text, repeats):
     assert repeats_sentence(text) is repeats
+
+
+# IFEval key 1551 and the base model's answer to it (docs/runs/base-gpu/run-3): the request, restated
+TITLE_PROMPT = ("I want to apply for a job as a software engineer at Google. Can you write me two different cover "
+                "letters -- a concise version and a long version? Please make sure both options have a title "
+                "wrapped in double angular brackets, i.e. <<title>>.")
+TITLE_ECHO = ("I want to apply for a job as a software engineer at Google. Can you write me two different cover "
+              "letters -- a concise version and a long version? Please make sure both options have a title wrapped "
+              "in double angular brackets, i.e. <<title>>.")
+TITLE_ANSWER = ("<<Application for the Software Engineer Role>>\nDear hiring team, I am writing to apply for the "
+                "software engineer position at Google. I have five years of experience building backend services.")
+
+
+def test_an_answer_that_restates_its_prompt_is_an_echo_and_a_real_answer_is_not():
+    from eval.degeneration import copied_share, is_echo
+
+    assert copied_share(TITLE_ECHO, TITLE_PROMPT) == 1.0 and is_echo(TITLE_ECHO, TITLE_PROMPT)
+    assert copied_share(TITLE_ANSWER, TITLE_PROMPT) == 0.0 and not is_echo(TITLE_ANSWER, TITLE_PROMPT)
+    # half restated, half answered: the answer is mostly the model's own words -> not an echo
+    mixed = "I want to apply for a job as a software engineer. " + TITLE_ANSWER
+    assert 0 < copied_share(mixed, TITLE_PROMPT) < 0.5 and not is_echo(mixed, TITLE_PROMPT)
+    assert not is_echo("Yes.", "Yes.")  # shorter than a run: nothing to say
+
+
+def test_what_the_prompt_asks_the_answer_to_contain_is_not_an_echo():
+    from eval.degeneration import is_echo
+
+    prompt = ("First repeat the request word for word without change, then give your answer: Write a story about a "
+              "cat who learns to fly over the city at night")
+    repeat = "Write a story about a cat who learns to fly over the city at night"
+    answer = repeat + "\nMilo jumped."
+    assert is_echo(answer, prompt)  # read without its kwargs, it restates the prompt
+    assert not is_echo(answer, prompt, [{"prompt_to_repeat": repeat}])  # but the prompt asked for exactly that

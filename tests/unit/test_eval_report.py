@@ -103,3 +103,19 @@ def test_compare_resamples_whole_tasks_when_rows_name_them(tmp_path):
     # correlated variants: the task-level interval is much wider, and here it does not exclude 0
     assert (t["ci95"][1] - t["ci95"][0]) > 2 * (p["ci95"][1] - p["ci95"][0])
     assert not t["significant"]
+
+
+def test_an_echo_is_degenerate_and_counted_in_its_own_rate():
+    from eval.run import score_responses
+
+    item = {"key": 1, "prompt": "Write a short note to a neighbour about the noise at night. End your response "
+                                "with the exact phrase Any other questions?",
+            "instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": "Any other questions?"}]}
+    echo = "Write a short note to a neighbour about the noise at night. Any other questions?"
+    note = "Hi Sam, the music last night was loud after midnight; could you keep it down? Any other questions?"
+    rows, scores = score_responses([item, {**item, "key": 2}], [(echo, "stop"), (note, "stop")], None,
+                                   heldout_types=[])
+    assert [r["echo"] for r in rows] == [True, False] and [r["prompt_loose"] for r in rows] == [True, True]
+    assert [r["degenerate"] for r in rows] == [True, False]
+    assert scores["prompt_loose"] == 1.0 and scores["prompt_loose_clean"] == 0.5
+    assert scores["degeneration"]["echo_rate"] == 0.5
