@@ -135,7 +135,7 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
                   f"prompts without a length instruction). Round k>0 is promoted only if its gate metric rose and "
                   f"its guards pass: truncation +{g.max_truncation_rise}, loops +{g.max_loop_rise}, each habit "
                   f"+{g.max_habit_rise} over round 0, median length within {g.max_length_ratio}x of round 0's (either way), held-out "
-                  f"score not below round 0's or the previous round's by more than {g.heldout_tolerance}."),
+                  f"score not significantly below round 0's or the previous round's by more than {g.heldout_tolerance}."),
             ("table", (["round", "truncated", "looping", "echoing", "lowercase", "uppercase", "no comma", "long",
                         "distinct-1",
                         "distinct-2", "words median / p90 / mean", "guards"], rows)),

@@ -5,7 +5,7 @@ GPU is free before training), trains ``round-k/adapter`` and merges ``round-k/me
 Stopping rules, checked after each eval: regression (round k significantly worse than k-1 by eval's paired
 bootstrap: model_k is not promoted); a failed promotion guard (``pipeline.guards``: degeneration - truncation,
 loops, unrequested habits, median length, longer or shorter - beyond its bound of round 0's, or the score on the
-held-out instruction types below round 0's or round k-1's: model_k is not promoted); target reached (``eval.target``
+held-out instruction types significantly below round 0's or round k-1's: model_k is not promoted); target reached (``eval.target``
 on ``eval.gate_metric``); plateau (gain below ``pipeline.min_gain``); budget spent (``cost.budget_usd``); max
 rounds. A round that is not promoted hands over to the best earlier round that passed.
 
@@ -161,11 +161,29 @@ def guard_failures(cfg: Config, rd: RunDir, k: int, measures: Any = None) -> lis
         return fails
     for j in sorted({0, k - 1}):
         hj = (get(j)["heldout"] or {}).get(level)
-        if hj is not None and hk < hj - g.heldout_tolerance - 1e-9:
-            fails.append(f"held-out types' instruction_{level} {hk:.3f} vs {hj:.3f} in round {j} ({hk - hj:+.3f}, "
-                         f"below pipeline.guards.heldout_tolerance={g.heldout_tolerance}; "
-                         f"{get(k)['heldout']['n_instructions']} instructions)")
+        if hj is None or hk >= hj - g.heldout_tolerance - 1e-9:
+            continue
+        c = _heldout_change(cfg, rd, j, k, level)
+        if c is not None and not (c["significant"] and c["delta"] < 0):
+            continue  # a drop inside the noise of this many instructions
+        ci = f", 95% CI {c['ci95'][0]:+.3f}..{c['ci95'][1]:+.3f}" if c and c["ci95"] else ""
+        fails.append(f"held-out types' instruction_{level} {hk:.3f} vs {hj:.3f} in round {j} ({hk - hj:+.3f}{ci}, "
+                     f"below pipeline.guards.heldout_tolerance={g.heldout_tolerance}; "
+                     f"{get(k)['heldout']['n_instructions']} instructions)")
     return fails
+
+
+def _heldout_change(cfg: Config, rd: RunDir, j: int, k: int, level: str) -> dict[str, Any] | None:
+    """Round k's held-out-type score minus round j's with its paired 95% bootstrap interval
+    (:func:`eval.report.compare`); None when the two evals cannot be paired (a result file missing)."""
+    from eval.report import compare
+
+    try:
+        c = compare(rd.round(j, create=False).eval, rd.round(k, create=False).eval,
+                    heldout_types=cfg.eval.heldout_types, long_words=cfg.eval.long_answer_words)
+    except (FileNotFoundError, ValueError):
+        return None
+    return (c.get("heldout") or {}).get(level)
 
 
 def _fallback(cfg: Config, rd: RunDir, k: int, measures: Any) -> tuple[int, str]:

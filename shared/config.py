@@ -390,8 +390,10 @@ class GuardsConfig(Section):
                                     "answer in 11 words, from 26) are both refused.")
     heldout_tolerance: float = Field(0.0, ge=0.0, description="The held-out-type score (instruction level, loose or "
                                      "strict as the gate metric) may fall at most this below round 0's and the "
-                                     "previous round's. 0 refuses any drop, noise included: on a small suite, "
-                                     "raise it or evaluate more prompts.")
+                                     "previous round's; a larger drop refuses the round only when its paired 95% "
+                                     "bootstrap interval lies below 0. IFEval asks the five default held-out types "
+                                     "197 times, so a point estimate alone moves by about 3 points between equal "
+                                     "models: gemma3-270m's third GPU run was refused on a -0.005 drop.")
 
 
 class PipelineConfig(Section):

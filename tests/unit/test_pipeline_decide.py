@@ -162,8 +162,8 @@ def test_guards_pass_a_healthy_gain(tmp_path, base_dir):
     ({"text": "Tides rise and fall twice a day."}, ["words_median 7 vs 70 in round 0 (1/10.0x < "
                                                     "1/pipeline.guards.max_length_ratio=1/2.0)"],
      "pipeline.guards.max_length_ratio=11"),
-    ({"heldout": 0.4}, ["held-out types' instruction_loose 0.400 vs 0.520 in round 0 (-0.120", "25 instructions"],
-     "pipeline.guards.heldout_tolerance=0.15"),
+    ({"heldout": 0.2}, ["held-out types' instruction_loose 0.200 vs 0.520 in round 0 (-0.320, 95% CI -0.", "25 instructions"],
+     "pipeline.guards.heldout_tolerance=0.35"),
 ])
 def test_each_guard_refuses_promotion_and_names_the_numbers(tmp_path, base_dir, kwargs, names, relax):
     cfg, rd = _setup(tmp_path, base_dir)
@@ -232,3 +232,11 @@ def test_a_clean_gate_metric_ignores_passes_by_loops(tmp_path, base_dir):
     assert "prompt_loose_clean" in reason and promoted == str(base_dir)
     cfg, rd = _setup(tmp_path, base_dir, "pipeline.guards.enabled=false")
     assert decide(cfg, rd, 1) is None  # on the official metric the loops count
+
+
+def test_a_heldout_drop_inside_the_noise_does_not_refuse_the_round(tmp_path, base_dir):
+    # 3 of 25 held-out instructions fail after passing: -0.12, but a paired interval that reaches 0
+    cfg, rd = _setup(tmp_path, base_dir)
+    _guarded_eval(rd, 0, 0.2, heldout=0.52)
+    _guarded_eval(rd, 1, 0.6, heldout=0.4)
+    assert decide(cfg, rd, 1) is None
