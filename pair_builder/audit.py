@@ -319,6 +319,7 @@ def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pa
         raise SystemExit(f"{path} not found: build the round with pairs.record_candidates=true to replay it")
     text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     checker = {r["id"]: r for shard in sorted(d.glob("shard-*.parquet")) for r in pq.read_table(shard).to_pylist()}
+    round_of = next(iter(checker.values()), {})  # the round's model and number, for items without a pair
     entries = []
     for line in text.splitlines():
         row = json.loads(line)
@@ -331,11 +332,14 @@ def replay_extras(pairs_dir: str | Path, *, habit_contrast: float = 1.0, stop_pa
                          check=lambda t, ins=row["instruction"], cs=cons: check_text(t, ins, cs),
                          relevance=Relevance(min_overlap=min_overlap), repair=repair_pairs > 0,
                          constraints=cons, no_repair=no_repair)
-        base = checker.get(row["id"]) or {"prompt": tpl.render(row["instruction"]), "instruction_id": row["id"],
-                                          "constraints": json.dumps(row["constraints"], sort_keys=True)}
+        base = checker.get(row["id"]) or {
+            "prompt": tpl.render(row["instruction"]), "instruction_id": row["id"],
+            "constraints": json.dumps(row["constraints"], sort_keys=True),
+            **{k: round_of.get(k) for k in ("model", "round")}}  # an item without a checker pair
         entries.append({"id": row["id"], "extras": [
             {"kind": x["kind"], "record": {**base, "chosen": x["chosen"], "rejected": x["rejected"],
-                                           "principle_id": x["kind"]}} for x in xs]})
+                                           "principle_id": x["kind"], "chosen_passed": x["chosen_passed"],
+                                           "rejected_passed": x["rejected_passed"]}} for x in xs]})
     extras = select_extras(entries, checker, habit_contrast=habit_contrast, stop_pairs=stop_pairs, seed=seed,
                            incidental_weight=incidental_weight, repair_pairs=repair_pairs)
     return {"pairs": len(checker), "items": len(entries), **({"records": extras} if records else {}),

@@ -39,7 +39,7 @@ def test_ctr_rebuilds_contrasts_as_pair_building_counts_them():
     assert Counter(r["principle_id"] for r in off) == {"stop": kinds["stop"]}
 
 
-def test_rep_adds_the_format_repairs_replayed_from_the_recorded_candidates():
+def test_rep_adds_the_format_repairs_replayed_from_the_recorded_candidates(tmp_path):
     run3 = ROOT / "docs" / "runs" / "base-gpu" / "run-3" / "pairs"
     checker, built = arm_pairs(run3, "built", _pairs_cfg())
     _, rep = arm_pairs(run3, "built+rep", _pairs_cfg())
@@ -50,3 +50,15 @@ def test_rep_adds_the_format_repairs_replayed_from_the_recorded_candidates():
     for r in added:
         assert r["prompt"].rstrip().endswith("# Answer:") and r["chosen"] != r["rejected"]
         assert not any(k.startswith("ref_") for k in r)
+
+    # what the trainer checks before training: one round, no empty or identical or duplicated rows
+    import pandas as pd
+
+    from trainer.data import validate_pairs
+
+    d = tmp_path / "pairs"
+    d.mkdir()
+    pd.DataFrame(checker).to_parquet(d / "shard-00000.parquet")
+    pd.DataFrame(rep).to_parquet(d / "extras.parquet")
+    report = validate_pairs(d, expected_round=0)
+    assert report.ok, report.errors
