@@ -14,6 +14,7 @@ Pure functions, no I/O:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -37,6 +38,29 @@ HABITS: dict[str, str] = {
     "uppercase": f"all-uppercase answers (>= {MIN_CASED_LETTERS} cased letters), prompts without {UPPERCASE_ID}",
     "no_comma": f"comma-free answers of > {COMMA_MIN_WORDS} words, prompts without {NO_COMMA_ID}",
     "long": f"answers past the length limit (words), prompts without any {LENGTH_PREFIX}*",
+    "format": "answers with a format mark the prompt did not ask for: a P.S. line, a *** or ****** divider, "
+              "SECTION/PART n headers, or the whole answer as JSON (format repairs must not teach them everywhere)",
+}
+
+
+def _whole_json(text: str) -> bool:
+    t = text.strip().removeprefix("```json").removeprefix("```").removesuffix("```").strip()
+    if not t.startswith(("{", "[")):
+        return False
+    try:
+        json.loads(t)
+    except ValueError:
+        return False
+    return True
+
+
+# instruction id -> does an answer show that format (eval.degeneration.profile's "format" habit)
+FORMAT_MARKS: dict[str, Any] = {
+    "detectable_content:postscript": re.compile(r"^\s*p\.\s?(p\.\s?)?s\b", re.IGNORECASE | re.MULTILINE).search,
+    "length_constraints:number_paragraphs": re.compile(r"^\s*\*\*\*\s*$", re.MULTILINE).search,
+    "combination:two_responses": re.compile(r"\*{6}").search,
+    "detectable_format:multiple_sections": re.compile(r"^\s*(section|part)\s+\d+\b", re.IGNORECASE | re.MULTILINE).search,
+    "detectable_format:json_format": _whole_json,
 }
 
 
@@ -228,6 +252,7 @@ def profile(text: str, instruction_ids: Sequence[str], finish_reason: str | None
         "uppercase": all(c.isupper() for c in cased) if enough_letters and UPPERCASE_ID not in ids else None,
         "no_comma": "," not in text if n > COMMA_MIN_WORDS and NO_COMMA_ID not in ids else None,
         "long": n > long_words if not any(i.startswith(LENGTH_PREFIX) for i in ids) else None,
+        "format": any(bool(mark(text)) for fid, mark in FORMAT_MARKS.items() if fid not in ids) if n else None,
     }
 
 

@@ -72,7 +72,7 @@ def _scores_plot(rounds: list[tuple[int, dict[str, Any], tuple[float, float] | N
 
 
 RATE_COLS = ("truncation_rate", "loop_rate", "echo_rate", "lowercase_rate", "uppercase_rate", "no_comma_rate",
-             "long_rate")
+             "long_rate", "format_rate")
 
 
 def _degeneration_plot(rows: list[tuple[int, dict[str, Any]]], out: Path) -> Path:
@@ -132,12 +132,13 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
             ("h2", "Degeneration by round"),
             ("p", f"Habits count only answers to prompts that did not ask for them (lowercase, uppercase: at least "
                   f"a few letters; no_comma: answers over 20 words; long: over {cfg.eval.long_answer_words} words, "
-                  f"prompts without a length instruction). Round k>0 is promoted only if its gate metric rose and "
+                  f"prompts without a length instruction; format: a P.S., a divider, section headers or a JSON "
+                  f"answer the prompt did not ask for). Round k>0 is promoted only if its gate metric rose and "
                   f"its guards pass: truncation +{g.max_truncation_rise}, loops +{g.max_loop_rise}, each habit "
                   f"+{g.max_habit_rise} over round 0, median length within {g.max_length_ratio}x of round 0's (either way), held-out "
                   f"score not significantly below round 0's or the previous round's by more than {g.heldout_tolerance}."),
             ("table", (["round", "truncated", "looping", "echoing", "lowercase", "uppercase", "no comma", "long",
-                        "distinct-1",
+                        "format", "distinct-1",
                         "distinct-2", "words median / p90 / mean", "guards"], rows)),
             ("img", _degeneration_plot(deg, rd.path / "degeneration_by_round.png"))]
     held = [(k, get(k)["heldout"]) for k in ks if get(k)["heldout"]]

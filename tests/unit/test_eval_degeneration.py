@@ -179,3 +179,19 @@ def test_what_the_prompt_asks_the_answer_to_contain_is_not_an_echo():
     answer = repeat + "\nMilo jumped."
     assert is_echo(answer, prompt)  # read without its kwargs, it restates the prompt
     assert not is_echo(answer, prompt, [{"prompt_to_repeat": repeat}])  # but the prompt asked for exactly that
+
+
+@pytest.mark.parametrize("text, asked, shows", [
+    ("Bring a coat.\n\nP.S. It will rain.", [], True),
+    ("Bring a coat.\n\nP.P.S It will rain.", [], True),
+    ("Bring a coat.\n\nP.S. It will rain.", ["detectable_content:postscript"], False),  # asked: not a habit
+    ("First part.\n\n***\n\nSecond part.", [], True),
+    ("One answer.\n******\nAnother answer.", [], True),
+    ("SECTION 1\nThe plan.\nSECTION 2\nThe cost.", [], True),
+    ('{"answer": "Bring a coat."}', [], True),
+    ('{"answer": "Bring a coat."}', ["detectable_format:json_format"], False),
+    ("Bring a coat, since the ps. and the section 2 of the forecast say rain; see part 3 below.", [], False),
+    ("* Bring a coat.\n* Take the bus.", [], False),  # bullets are ordinary writing, not a habit
+])
+def test_the_format_habit_counts_format_marks_the_prompt_did_not_ask_for(text, asked, shows):
+    assert profile(text, asked)["format"] is shows
