@@ -27,60 +27,78 @@ import ipaddress
 import logging
 import os
 import sys
+import types
 from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import ValidationError
 
 from gen_server import backends
 from gen_server.backends import LIMITS
 from gen_server.models import KNOWN_MODELS, ModelPrepareError, UnknownModelError, check_model_dir, resolve_model
+from shared.config import ServerConfig
 from shared.log import setup_logging
 
 log = logging.getLogger("gen_server")
 
-DTYPES = ["auto", "bfloat16", "float16", "float32"]
-# Options only one backend understands (gen_server.backends): given for another they are an error, not ignored.
+# ServerConfig (shared/config.py) declares the server's settings, their types, bounds and help: the CLI is made
+# from it. Fields the CLI names differently (the argparse dest), and the one it takes after `--`:
+DEST = {"health_timeout_s": "health_timeout"}
+AFTER_DASHDASH = {"extra_args"}
+CLI_HELP = {  # what the CLI says instead of the schema's default
+    "model": f"Required. Packaged: {', '.join(KNOWN_MODELS)}.",
+    "api_key": "Default: $GEN_SERVER_API_KEY; none if unset.",
+}
+
+
+def _owner(dest: str) -> str | None:
+    """The backend that alone understands option ``dest`` (gen_server.backends), or None for a common one."""
+    return next((b.name for b in backends.BACKENDS.values() if dest in b.only), None)
+
+
+def _field_kwargs(annotation: Any) -> dict[str, Any]:
+    """argparse keywords for a ServerConfig field's type: choices for a Literal, --x/--no-x for a bool."""
+    if get_origin(annotation) in (Union, types.UnionType):  # X | None
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return {"choices": list(get_args(annotation))}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float):
+        return {"type": annotation}
+    return {}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``python -m gen_server``'s options: one per ServerConfig field (its type, choices and description; the
+    default None means "not given", so the backend check can tell what was asked for), grouped by the backend
+    that alone understands it, plus the few that only a command line has (logging, --allow-insecure, the
+    embedded server's per-request limits)."""
     ap = argparse.ArgumentParser(
         prog="python -m gen_server",
         description=__doc__.split("\n\n")[0],
         epilog="Arguments after `--` are passed to vLLM verbatim (vllm backend only).",
     )
-    ap.add_argument(
-        "--model",
-        required=True,
-        help=f"model directory (with config.json) or a packaged model name: {', '.join(KNOWN_MODELS)}",
-    )
-    ap.add_argument(
-        "--backend",
-        choices=list(backends.BACKENDS),
-        default=None,
-        help="default: vllm if a CUDA GPU is visible and vllm is installed, else embedded",
-    )
-    ap.add_argument("--host", default="127.0.0.1", help="bind address; keep loopback unless you need remote clients")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument(
-        "--api-key",
-        default=os.environ.get("GEN_SERVER_API_KEY"),
-        help="require this bearer key on /v1 (default: $GEN_SERVER_API_KEY; none if unset)",
-    )
+    groups = {None: ap, "embedded": ap.add_argument_group("embedded backend (CPU)"),
+              "vllm": ap.add_argument_group("vllm backend (GPU)")}
+    for name, f in ServerConfig.model_fields.items():
+        if name in AFTER_DASHDASH:
+            continue
+        dest = DEST.get(name, name)
+        owner = _owner(dest)
+        group = groups.get(owner) or groups.setdefault(owner, ap.add_argument_group(f"{owner} backend"))
+        default = None
+        if name == "api_key":
+            default = os.environ.get("GEN_SERVER_API_KEY")
+        kwargs = _field_kwargs(f.annotation)
+        if name == "backend":  # the registry's: a backend registered at run time is a choice too
+            kwargs["choices"] = ["auto", *backends.BACKENDS]
+        group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=default, required=name == "model",
+                           help=f"{f.description} {CLI_HELP.get(name) or f'Default: {f.default}.'}", **kwargs)
     ap.add_argument("--allow-insecure", action="store_true",
                     help="serve a non-loopback --host without an API key (anyone who reaches the port can use it)")
-    ap.add_argument(
-        "--served-model-name", default=None, help="model id in the API (default: the packaged name, or the model path)"
-    )
-    ap.add_argument("--dtype", choices=DTYPES, default="auto")
-    ap.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-
-    emb = ap.add_argument_group("embedded backend (CPU)")
-    emb.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=None,
-        help="requests decoded together (default 16); higher is more throughput and memory",
-    )
+    emb = groups["embedded"]
     emb.add_argument("--max-prompts", type=int, default=None, help="prompts in one request (default 64)")
     emb.add_argument("--max-n", type=int, default=None, help="choices per prompt (default 16)")
     emb.add_argument("--max-stop", type=int, default=None, help="stop strings per request (default 16)")
@@ -88,40 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt + max_tokens over every choice of a request (default 65536)")
     emb.add_argument("--max-scored-tokens", type=int, default=None,
                      help="prompt tokens scored with log-probs in one request (default 16384)")
-
-    vl = ap.add_argument_group("vllm backend (GPU)")
-    vl.add_argument(
-        "--quantization",
-        choices=["fp8", "none"],
-        default=None,
-        help="fp8: on-the-fly fp8 weights, ~1.24x bf16 throughput on H100 (default: none)",
-    )
-    vl.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=None,
-        help="share of GPU memory vLLM may take; higher is a bigger KV cache (default 0.9)",
-    )
-    vl.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs per model replica (default 1)")
-    vl.add_argument("--data-parallel-size", type=int, default=None, help="model replicas (default 1)")
-    vl.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="reuse KV cache across prompts sharing a prefix, e.g. the few-shot template (default: vLLM's)",
-    )
-    vl.add_argument(
-        "--health-timeout",
-        type=float,
-        default=None,
-        help="seconds to wait for /health after start (default 900; large models compile first)",
-    )
-    vl.add_argument(
-        "--log-file",
-        default=None,
-        help="where vLLM's output is also written (default: $TMPDIR/gen_server-vllm-PORT.log)",
-    )
+    groups["vllm"].add_argument(
+        "--log-file", default=None, help="where vLLM's output is also written (default: $TMPDIR/gen_server-vllm-PORT.log)")
     return ap
+
+
+def server_settings(args: argparse.Namespace) -> tuple[ServerConfig | None, list[str]]:
+    """(the ServerConfig the given options make, problems): every field checked by the schema at once."""
+    given = {name: getattr(args, DEST.get(name, name)) for name in ServerConfig.model_fields
+             if name not in AFTER_DASHDASH | {"backend"} and getattr(args, DEST.get(name, name), None) is not None}
+    try:
+        return ServerConfig(**given), []
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            flag = "--" + DEST.get(name, name).replace("_", "-")
+            problems.append(f"{flag} {_says(err)}, got {err.get('input')!r}")
+        return None, problems
+
+
+def _says(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if key in ctx:
+            return f"must be {op} {ctx[key]}"
+    return err["msg"].lower()
 
 
 def is_loopback(host: str) -> bool:
@@ -135,28 +145,18 @@ def is_loopback(host: str) -> bool:
 
 
 def _validate(args: argparse.Namespace, passthrough: list[str]) -> list[str]:
-    """Every problem with the arguments at once, before any heavy import or model loading."""
-    problems = []
-    if not 1 <= args.port <= 65535:
-        problems.append(f"--port must be in 1..65535, got {args.port}")
-    if not args.host:
+    """Every problem with the arguments at once, before any heavy import or model loading: the schema's
+    (ServerConfig), the command line's own, and options the chosen backend does not understand."""
+    _, problems = server_settings(args)
+    if args.host is not None and not args.host:
         problems.append("--host must not be empty")
-    elif not args.api_key and not args.allow_insecure and not is_loopback(args.host):
+    elif args.host and not args.api_key and not args.allow_insecure and not is_loopback(args.host):
         problems.append(f"--host {args.host} serves other machines, and no API key is set: anyone who reaches the "
                         "port could use the server. Set GEN_SERVER_API_KEY (or --api-key), or pass --allow-insecure")
-    if args.max_model_len is not None and args.max_model_len < 1:
-        problems.append(f"--max-model-len must be positive, got {args.max_model_len}")
-    for name in ("max_batch_size", *LIMITS):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
-        problems.append(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
-    for name in ("tensor_parallel_size", "data_parallel_size"):
+    for name in LIMITS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.health_timeout is not None and args.health_timeout <= 0:
-        problems.append(f"--health-timeout must be positive, got {args.health_timeout}")
-    if args.backend is not None and (wrong := backends.only_given(args.backend, args, passthrough)):
+    if args.backend not in (None, "auto") and (wrong := backends.only_given(args.backend, args, passthrough)):
         problems.append(_misplaced(wrong))
     return problems
 
@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     served_name = args.served_model_name or (args.model if args.model in KNOWN_MODELS else None)
 
-    backend = args.backend
-    if backend is None:
+    backend = args.backend or "auto"
+    if backend == "auto":
         try:
             backend, why = choose_backend()
         except RuntimeError as e:
@@ -218,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         if wrong := backends.only_given(backend, args, passthrough):
             log.error("%s, but %s was chosen (%s)", _misplaced(wrong), backend, why)
             return 2
+    settings, _ = server_settings(args)  # valid: _validate passed
+    for name, value in settings.model_dump().items():  # what was not given takes the schema's default
+        dest = DEST.get(name, name)
+        if name not in AFTER_DASHDASH and getattr(args, dest, None) is None:
+            setattr(args, dest, value)
+    args.backend = backend
     return backends.get(backend).run(args, model_dir, served_name, passthrough)
 
 

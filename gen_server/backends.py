@@ -10,10 +10,12 @@ How to add a backend (say, SGLang):
 
 1. Write ``gen_server/sglang_backend.py`` with a ``run(...)`` that serves the OpenAI-compatible API
    (``/v1/completions``, ``/v1/models``, ``/health``, and prompt log-probs if pair building scores references).
-2. Add its CLI options to :func:`gen_server.__main__.build_parser` (an argument group of its own) and name them
-   in ``only=``.
+2. Add its settings to ``shared.config.ServerConfig`` (type, bounds, description: ``python -m gen_server`` makes
+   its options from that schema, :func:`gen_server.__main__.build_parser`) and name them in ``only=``; the CLI
+   groups them under the backend and refuses them for any other.
 3. Register it below: ``register(Backend("sglang", unavailable=..., only=(...), config_args=..., run=...))``,
-   and add it to ``shared.config.ServerConfig.backend``'s choices. :data:`PREFERENCE` orders ``auto``.
+   and add it to ``shared.config.ServerConfig.backend``'s choices (the CLI's ``--backend`` takes every
+   registered name). :data:`PREFERENCE` orders ``auto``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Options of `python -m gen_server` (argparse dest names) that only one backend understands.
+# The embedded server's per-request limits: command-line options of `python -m gen_server` only.
 LIMITS = ("max_prompts", "max_n", "max_stop", "max_request_tokens", "max_scored_tokens")  # embedded.RequestLimits
 
 

@@ -6,12 +6,11 @@ scores given text) and vLLM's `prompt_logprobs`; /v1/chat/completions for models
 template; /v1/models; /health. Requests run on `gen_server.engine.Engine`, which batches concurrent
 requests on a worker thread, so the event loop never blocks on the model. /stats reports batching.
 
-    python -m gen_server.embedded --model path/to/model --port 8000 --api-key secret
+    python -m gen_server --backend embedded --model path/to/model --port 8000   # the one command line
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import secrets
 import time
@@ -29,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gen_server.engine import (
-    DTYPES,
     MAX_LOGPROBS,
     Completion,
     Engine,
@@ -434,28 +432,3 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level=log_level.lower())
     finally:
         engine.close()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model directory (HF format)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1")
-    parser.add_argument("--served-model-name", default=None, help="model name clients use (default: dir name)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="higher = more throughput, more memory")
-    parser.add_argument("--max-model-len", type=int, default=None, help="default: max_position_embeddings")
-    parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    serve(
-        args.model, host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
-        max_batch_size=args.max_batch_size, max_model_len=args.max_model_len, dtype=args.dtype, seed=args.seed,
-        log_level=args.log_level,
-    )
-
-
-if __name__ == "__main__":
-    main()

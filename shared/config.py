@@ -59,7 +59,9 @@ class ServerConfig(Section):
     port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
     api_key: str | None = Field(None, description="Bearer key the server requires; env GEN_SERVER_API_KEY.")
     served_model_name: str | None = Field(None, description="Name clients send as `model`; default: dir name.")
-    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations. auto: the backend's choice (embedded: float32; vLLM: "
+        "bfloat16 for a bfloat16 checkpoint, float16 for a float32 one); float32 serves a float32 merge exactly.")
     max_model_len: int | None = Field(None, ge=16, description="Context length; lower saves KV-cache memory.")
     seed: int = Field(0, description="Sampling seed of requests that give none.")
     # embedded only

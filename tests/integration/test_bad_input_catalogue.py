@@ -162,7 +162,7 @@ CASES = [
          "no run here yet", 1),
     # CLI flags
     Case("port-range", "gen_server --port out of range",
-         lambda t, m: ["gen_server", "--model", str(m), "--port", "70000"], r"--port must be in 1\.\.65535", 2),
+         lambda t, m: ["gen_server", "--model", str(m), "--port", "70000"], r"--port must be <= 65535, got 70000", 2),
     Case("public-bind-no-key", "gen_server on a public --host without an API key",
          lambda t, m: ["gen_server", "--model", str(m), "--host", "0.0.0.0"], "pass --allow-insecure", 2),
     Case("backend-flag-mismatch", "a vLLM-only flag with the embedded backend",

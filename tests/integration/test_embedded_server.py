@@ -1,4 +1,4 @@
-"""The embedded server as users run it: a real `python -m gen_server.embedded` subprocess on a free
+"""The embedded server as users run it: a real `python -m gen_server --backend embedded` subprocess on a free
 loopback port, spoken to with the `openai` client and raw httpx."""
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(model_dir: Path, log_path: Path, *extra: str, module: str = "gen_server.embedded"):
+def _start_server(model_dir: Path, log_path: Path, *extra: str):
     """Start the server, wait for /health; yields its base URL and stops it however the tests end."""
     port = _free_port()
     cmd = [
-        sys.executable, "-m", module, "--model", str(model_dir), "--port", str(port),
+        sys.executable, "-m", "gen_server", "--backend", "embedded", "--model", str(model_dir), "--port", str(port),
         "--api-key", KEY, "--served-model-name", MODEL, "--max-batch-size", "8", "--log-level", "warning", *extra,
     ]
     with open(log_path, "wb") as log:
@@ -261,7 +261,7 @@ def test_tokens_as_token_ids(client, tiny_model_dir):
 def limited_url(tiny_model_dir, tmp_path_factory):
     yield from _start_server(tiny_model_dir, tmp_path_factory.mktemp("server") / "limited.log", "--backend",
                              "embedded", "--max-prompts", "2", "--max-n", "2", "--max-stop", "2",
-                             "--max-request-tokens", "300", "--max-scored-tokens", "40", module="gen_server")
+                             "--max-request-tokens", "300", "--max-scored-tokens", "40")
 
 
 @pytest.mark.parametrize("body,match", [

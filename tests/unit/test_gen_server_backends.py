@@ -63,3 +63,40 @@ def test_a_third_backend_is_one_registration(monkeypatch, tiny_model_dir):
     assert served == [(tiny_model_dir, 18123)]
     with pytest.raises(ValueError, match="unknown serving backend 'nope'; known: embedded, vllm, echo"):
         backends.get("nope")
+
+
+def test_the_cli_is_made_from_the_server_config():
+    from typing import get_args
+
+    from gen_server.__main__ import AFTER_DASHDASH, DEST, server_settings
+
+    opts = build_parser()._option_string_actions
+    for name, f in ServerConfig.model_fields.items():
+        if name in AFTER_DASHDASH:
+            continue
+        action = opts["--" + DEST.get(name, name).replace("_", "-")]
+        assert f.description.split(";")[0] in action.help
+        if name == "dtype":
+            assert list(action.choices) == list(get_args(f.annotation))
+    # a config -> the command ServerProcess runs -> the CLI's own parse gives the same settings back
+    for backend in ("embedded", "vllm"):
+        cfg = ServerConfig(backend=backend, dtype="float32", max_model_len=1024, seed=3, max_batch_size=4,
+                           gpu_memory_utilization=0.5, enable_prefix_caching=False, health_timeout_s=60)
+        proc = ServerProcess.from_config(cfg, "m", port=8123)
+        cmd = proc.command()[3:]
+        cmd = cmd[:cmd.index("--")] if "--" in cmd else cmd
+        got, problems = server_settings(build_parser().parse_args(cmd))
+        assert problems == []
+        mine = set(backends.get(backend).only)
+        for name in ("dtype", "max_model_len", "seed", "max_batch_size", "gpu_memory_utilization",
+                     "enable_prefix_caching", "health_timeout_s"):
+            if DEST.get(name, name) in mine or not any(DEST.get(name, name) in b.only
+                                                       for b in backends.BACKENDS.values()):
+                assert getattr(got, name) == getattr(cfg, name), (backend, name)
+
+
+def test_bad_values_are_all_named_at_once_by_the_schema(tiny_model_dir):
+    args = build_parser().parse_args(["--model", str(tiny_model_dir), "--port", "0", "--max-model-len", "8",
+                                      "--gpu-memory-utilization", "1.5", "--max-n", "0"])
+    assert _validate(args, []) == ["--port must be >= 1, got 0", "--max-model-len must be >= 16, got 8",
+                                   "--gpu-memory-utilization must be <= 1.0, got 1.5", "--max-n must be >= 1, got 0"]
