@@ -33,9 +33,13 @@ from typing import Any
 _SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+|$)")
 
 
+_LIST_MARK = re.compile(r"^\s*(?:[-•]|\d+[.)])\s+", re.MULTILINE)
+
+
 def sentences(text: str) -> list[str]:
-    """``text``'s sentences, whitespace collapsed (line breaks are not kept: the repairs lay the text out)."""
-    flat = " ".join(text.split())
+    """``text``'s sentences, whitespace collapsed and list marks ("- ", "1. ") dropped: line breaks are not kept,
+    the repairs lay the text out."""
+    flat = " ".join(_LIST_MARK.sub("", text).split())
     return [s.strip() for s in _SENTENCE.findall(flat) if s.strip()]
 
 

@@ -98,6 +98,9 @@ def test_groups_and_sentences():
     assert groups(list("abcde"), 2) == [["a", "b", "c"], ["d", "e"]]
     assert groups(list("ab"), 3) is None
     assert sentences("One. Two!  Three?\nFour") == ["One.", "Two!", "Three?", "Four"]
+    # a list the model wrote is laid out again from its items, without its marks
+    assert sentences("Water cycles.\n- The sun heats it.\n- Rain falls.\n2) It flows back.") == [
+        "Water cycles.", "The sun heats it.", "Rain falls.", "It flows back."]
 
 
 def _cand(text, passed, problem=None):
