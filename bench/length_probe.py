@@ -42,6 +42,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -342,8 +343,10 @@ def main() -> int:
             train_s = time.monotonic() - t0
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                               res.adapter_dir).merge_and_unload()
-            score(arm, model, {"recipe": " ".join(recipe), "pairs": len(checker) + len(extras), "stop_pairs": sum(
-                r["principle_id"] == "stop" for r in extras), "steps": res.global_step, "train_s": round(train_s, 1)})
+            kinds = Counter(r["principle_id"] for r in extras)
+            score(arm, model, {"recipe": " ".join(recipe), "pairs": len(checker) + len(extras),
+                               "stop_pairs": kinds["stop"], "repair_pairs": kinds["repair"],
+                               "steps": res.global_step, "train_s": round(train_s, 1)})
             del model
             if device == "cuda":
                 torch.cuda.empty_cache()
