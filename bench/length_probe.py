@@ -266,9 +266,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.report:
         from eval.constraints import own_suite
-        from shared.config import load_config
-
         from eval.ifeval import load_ifeval_prompts
+        from shared.config import load_config
 
         report(args.report, load_config(args.config, []).eval.heldout_types,
                own_suite(variants=args.variants) if args.suite == "own" else load_ifeval_prompts())

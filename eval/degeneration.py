@@ -193,14 +193,20 @@ ECHO_SPAN = 6     # words in a run copied from the prompt
 ECHO_SHARE = 0.5  # an answer at least this much made of such runs restates its prompt instead of answering
 
 
-def _strings(value: Any) -> list[str]:
+def strings_in(value: Any) -> list[str]:
+    """Every string in ``value``, any nesting of lists, tuples and dicts (an instruction's kwargs)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
-        return [x for v in value.values() for x in _strings(v)]
+        return [x for v in value.values() for x in strings_in(v)]
     if isinstance(value, (list, tuple)):
-        return [x for v in value for x in _strings(v)]
+        return [x for v in value for x in strings_in(v)]
     return []
+
+
+def ngrams(toks: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    """The runs of ``n`` consecutive tokens."""
+    return {tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)}
 
 
 def copied_share(text: str, prompt: str, keep: Any = (), span: int = ECHO_SPAN) -> float:
@@ -210,11 +216,9 @@ def copied_share(text: str, prompt: str, keep: Any = (), span: int = ECHO_SPAN) 
     t = words(text)
     if len(t) < span:
         return 0.0
-    p = words(prompt)
-    runs = {tuple(p[i:i + span]) for i in range(len(p) - span + 1)}
-    for s in _strings(keep):
-        w = words(s)
-        runs -= {tuple(w[i:i + span]) for i in range(len(w) - span + 1)}
+    runs = ngrams(words(prompt), span)
+    for s in strings_in(keep):
+        runs -= ngrams(words(s), span)
     covered = [False] * len(t)
     for i in range(len(t) - span + 1):
         if tuple(t[i:i + span]) in runs:

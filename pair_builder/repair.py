@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+|$)")
@@ -67,7 +67,6 @@ class Plan:
     second: str | None = None  # the second response
     end: str | None = None
     as_json: bool = False
-    notes: list[str] = field(default_factory=list)
 
     def render(self, text: str) -> str | None:
         sents = sentences(text)

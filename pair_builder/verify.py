@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from rapidfuzz.distance import Levenshtein
 
-from eval.degeneration import is_looping, profile, words
+from eval.degeneration import is_looping, ngrams, profile, strings_in, words
 from eval.ifeval import check
 from pair_builder.sample import Candidate
 from shared.records import Constraint
@@ -69,7 +69,7 @@ class ExampleIndex:
     def __init__(self, texts: list[str], span: int = COPY_SPAN) -> None:
         self.span = span
         self.texts = [t for t in texts if t.strip()]
-        self._grams = {g for t in self.texts for g in _ngrams(words(t), span)}
+        self._grams = {g for t in self.texts for g in ngrams(words(t), span)}
         self._whole = {tuple(w) for t in self.texts if MIN_WHOLE <= len(w := words(t)) < span}
 
     @classmethod
@@ -83,12 +83,12 @@ class ExampleIndex:
     def copies(self, text: str, instruction: str = "") -> bool:
         """Whether ``text`` copies an example (see the class doc), not counting what the instruction says."""
         toks = words(text)
-        hits = _ngrams(toks, self.span) & self._grams
-        if hits and hits - _ngrams(words(instruction), self.span):
+        hits = ngrams(toks, self.span) & self._grams
+        if hits and hits - ngrams(words(instruction), self.span):
             return True
         if self._whole:
             ins = words(instruction)
-            grams = {n: (_ngrams(toks, n), _ngrams(ins, n)) for n in {len(w) for w in self._whole}}
+            grams = {n: (ngrams(toks, n), ngrams(ins, n)) for n in {len(w) for w in self._whole}}
             return any(w in grams[len(w)][0] and w not in grams[len(w)][1] for w in self._whole)
         return False
 
@@ -96,10 +96,6 @@ class ExampleIndex:
         """The longest run of words ``text`` shares with any one example (what COPY_SPAN was chosen on)."""
         toks = words(text)
         return max((_longest_common_run(toks, words(t)) for t in self.texts), default=0)
-
-
-def _ngrams(toks: list[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)}
 
 
 def _longest_common_run(a: list[str], b: list[str]) -> int:
@@ -121,13 +117,6 @@ def _longest_common_run(a: list[str], b: list[str]) -> int:
 ECHO_SPAN = 5
 
 
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [x for v in value for x in _strings(v)]
-    return []
-
 
 def echo_grams(instruction: str, constraints: Sequence[Constraint], span: int = ECHO_SPAN) -> set[tuple[str, ...]]:
     """The word runs of ``instruction``'s constraint sentences that an answer must not restate: all runs of
@@ -141,20 +130,20 @@ def echo_grams(instruction: str, constraints: Sequence[Constraint], span: int = 
             descs.append(describe(c))
         except Exception:  # noqa: BLE001 - an unknown or odd constraint: nothing to compare with
             continue
-    grams = {g for d in descs for g in _ngrams(words(d), span)}
+    grams = {g for d in descs for g in ngrams(words(d), span)}
     task = instruction
     for d in descs:
         task = task.replace(d, " ")
-    allowed = _ngrams(words(task), span)
+    allowed = ngrams(words(task), span)
     for c in constraints:
-        for v in _strings(list(c.kwargs.values())):
-            allowed |= _ngrams(words(v), span)
+        for v in strings_in(list(c.kwargs.values())):
+            allowed |= ngrams(words(v), span)
     return grams - allowed
 
 
 def restates(text: str, grams: set[tuple[str, ...]]) -> bool:
     """Whether ``text`` holds any of ``grams`` (an instruction's :func:`echo_grams`)."""
-    return bool(grams) and bool(_ngrams(words(text), len(next(iter(grams)))) & grams)
+    return bool(grams) and bool(ngrams(words(text), len(next(iter(grams)))) & grams)
 
 
 _ECHO = re.compile(r"^#\s*(query|answer)\s*:|^#\s*instructions\s*$", re.IGNORECASE | re.MULTILINE)
