@@ -23,7 +23,9 @@ share F of the stop pairs, e.g. ``+stop0.3``; ``+nostop``, ``+nocontrast``; ``+c
 again as pair building makes them now, with the arm's ``pairs.habit_contrast`` and
 ``pairs.incidental_habit_weight``; ``+rep``: the format-repair pairs pair building would add with the arm's
 ``pairs.repair_pairs``, or 0.5 when that is 0, replayed from the round's recorded candidates,
-``.meta/candidates.jsonl[.gz]``, :mod:`pair_builder.repair`), then config overrides.
+``.meta/candidates.jsonl[.gz]``, :mod:`pair_builder.repair`; ``+norep``: without the round's repair pairs;
+``+repin``: only the repair pairs that end as the answer as written did, :func:`pair_builder.repair.same_ending`),
+then config overrides.
 
 The arms are scored on a development suite by default (``--suite own``: the seed tasks pair building never uses,
 x ``--variants`` constraint draws, the same checkers as IFEval), so that a recipe chosen here is not chosen on the
@@ -92,9 +94,11 @@ def arm_pairs(pairs_dir: Path, source: str, pairs=None) -> tuple[list[dict], lis
     default: the schema's defaults)."""
     from pair_builder.audit import echoes
     from pair_builder.extras import EXTRAS_FILE, cut_loop
+    from pair_builder.repair import same_ending
     from pair_builder.sample import Candidate
     from shared.config import PairsConfig
     from shared.prompting import load_template
+    from shared.records import REPAIR_KIND
 
     arm, *mods = source.split("+")
     if arm not in ("built", "cut", "checker"):
@@ -114,6 +118,10 @@ def arm_pairs(pairs_dir: Path, source: str, pairs=None) -> tuple[list[dict], lis
             extras = [r for r in extras if r["id"] not in drop]
         elif mod == "nocontrast":
             extras = [r for r in extras if not r["principle_id"].startswith("contrast:")]
+        elif mod == "norep":
+            extras = [r for r in extras if r["principle_id"] != REPAIR_KIND]
+        elif mod == "repin":
+            extras = [r for r in extras if r["principle_id"] != REPAIR_KIND or same_ending(r["chosen"], r["rejected"])]
         elif mod == "ctr":
             extras = [r for r in extras if not r["principle_id"].startswith("contrast:")]
             pairs = pairs or PairsConfig()
@@ -131,7 +139,7 @@ def arm_pairs(pairs_dir: Path, source: str, pairs=None) -> tuple[list[dict], lis
             extras += [{k: v for k, v in r.items() if not k.startswith("ref_")}
                        for r in got["records"] if r["principle_id"] == REPAIR]
         else:
-            raise ValueError(f"unknown modifier +{mod}: noecho, stopF, nostop, nocontrast, ctr, rep")
+            raise ValueError(f"unknown modifier +{mod}: noecho, stopF, nostop, nocontrast, ctr, rep, norep, repin")
     if arm == "checker":
         return checker, []
     if arm == "cut":

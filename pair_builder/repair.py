@@ -199,3 +199,12 @@ def best_repair(text: str, passed: Sequence[bool], constraints: Sequence[Any], c
             if best is None or sum(got) > sum(best[1]):
                 best = (v, got)
     return best
+
+
+def same_ending(chosen: str, rejected: str, words: int = 3) -> bool:
+    """Whether the two answers end in the same ``words`` words. A repair that changes where the answer ends (an
+    end phrase, a JSON wrapper, a second response, a highlighted last sentence) teaches DPO to lower the
+    probability of stopping after the answer as written: the rejected side's last token is the only place the
+    pair differs there."""
+    a, b = chosen.split(), rejected.split()
+    return len(a) >= words and a[-words:] == b[-words:]

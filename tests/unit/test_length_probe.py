@@ -62,3 +62,19 @@ def test_rep_adds_the_format_repairs_replayed_from_the_recorded_candidates(tmp_p
     pd.DataFrame(rep).to_parquet(d / "extras.parquet")
     report = validate_pairs(d, expected_round=0)
     assert report.ok, report.errors
+
+
+def test_norep_and_repin_on_the_fourth_run_s_repairs():
+    """The fourth GPU run built 120 repairs; 56 end as the answer as written (``same_ending``)."""
+    from pair_builder.repair import same_ending
+
+    run4 = ROOT / "docs" / "runs" / "base-gpu" / "run-4" / "pairs"
+    checker, built = arm_pairs(run4, "built", _pairs_cfg())
+    kinds = Counter(r["principle_id"] for r in built)
+    assert len(checker) == 241 and kinds["repair"] == 120 and kinds["stop"] == 120
+    c2, norep = arm_pairs(run4, "built+norep", _pairs_cfg())
+    assert c2 == checker and Counter(r["principle_id"] for r in norep) == kinds - Counter(repair=120)
+    _, repin = arm_pairs(run4, "built+repin", _pairs_cfg())
+    kept = [r for r in repin if r["principle_id"] == "repair"]
+    assert len(kept) == 56 and all(same_ending(r["chosen"], r["rejected"]) for r in kept)
+    assert len(repin) - len(kept) == len(norep)

@@ -170,3 +170,16 @@ def test_the_recorded_gpu_round_yields_repair_pairs_that_the_checkers_confirm():
         ins = tpl.instruction_of(r["prompt"]) if r["prompt"] else ""
         before, after = check_text(r["rejected"], ins, cons), check_text(r["chosen"], ins, cons)
         assert sum(after) > sum(before) and all(a or not b for a, b in zip(after, before))
+
+
+def test_same_ending_tells_the_repairs_that_move_where_the_answer_stops():
+    from pair_builder.repair import same_ending
+
+    text = "The moon pulls the water. The sun adds a smaller pull."
+    inside = "The moon pulls the water.\n\n***\n\nThe sun adds a smaller pull."
+    assert same_ending(inside, text)
+    assert same_ending("The moon pulls the water.\n\nP.S. The sun adds a smaller pull.", text)
+    assert not same_ending(text + "\n\nAny other questions?", text)           # an end phrase
+    assert not same_ending('{"answer": "' + text + '"}', text)                # a JSON wrapper
+    assert not same_ending("The moon pulls the water. *The sun adds a smaller pull.*", text)  # a highlight
+    assert not same_ending("Too short", "Too short")                          # fewer than 3 words
