@@ -47,8 +47,8 @@ def model_of_round(cfg: Config, rd: RunDir, k: int) -> Path:
     return rd.round(k - 1, create=False).merged
 
 
-STAGE_STOP_GRACE_S = 30.0
-TRAIN_BUDGET_EXIT = 3  # trainer.dpo's exit code when it stopped at cost.budget_usd  # a trainer saving its last checkpoint, pair_builder flushing its shard
+STAGE_STOP_GRACE_S = 30.0  # a trainer saving its last checkpoint, pair_builder flushing its shard
+TRAIN_BUDGET_EXIT = 3  # the trainer's exit code when it stopped at cost.budget_usd (trainer.recipe.cli)
 
 
 def _stage(cmd: list[str], step: str, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> int:
@@ -375,8 +375,9 @@ def run(cfg: Config) -> int:
             log.info("stopping after round %d: %s; final model: %s", k, reason, promoted)
             break
         if not state.done(f"round-{k}/train"):
-            rc = _stage([sys.executable, "-m", "trainer.dpo", "--config", str(cfg_path), f"train.round={k}",
-                         "--resume"], f"round-{k}/train", ok=(0, TRAIN_BUDGET_EXIT))
+            trainer = f"trainer.{cfg.train.method}"  # one recipe per method: trainer/dpo.py, trainer/sft.py
+            rc = _stage([sys.executable, "-m", trainer, "--config", str(cfg_path), f"train.round={k}", "--resume"],
+                        f"round-{k}/train", ok=(0, TRAIN_BUDGET_EXIT))
             if rc == TRAIN_BUDGET_EXIT:  # the trainer stopped cleanly at cost.budget_usd: a stop, not a failure
                 j, promoted = _fallback(cfg, rd, k + 1, _measures(cfg, rd))
                 reason = (f"budget spent: cost.budget_usd=${cfg.cost.budget_usd:.2f} reached while training round "

@@ -161,9 +161,14 @@ LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", 
 
 
 class TrainConfig(Section):
-    """DPO LoRA training of one round (``python -m trainer.dpo``); every path defaults into the run dir."""
+    """LoRA training of one round (``python -m trainer.dpo`` or ``trainer.sft``, ``method``); every path defaults
+    into the run dir."""
 
     round: int = Field(0, ge=0, description="Round k: pairs from round-k/pairs, adapter to round-k/adapter.")
+    method: Literal["dpo", "sft"] = Field(
+        "dpo", description="The recipe, run as `python -m trainer.<method>`: dpo (TRL's DPOTrainer on the pairs; "
+        "train.loss_type picks DPO, IPO, hinge, ... or a mix) or sft (TRL's SFTTrainer on the pairs' chosen answers "
+        "only: rejection-sampling fine-tuning, no reference model and no rejected side). Both write a LoRA adapter.")
     backend: Literal["auto", "unsloth", "peft"] = Field(
         "auto", description="auto: unsloth when CUDA and unsloth are present, else peft (transformers + PEFT)."
     )
@@ -231,7 +236,8 @@ class TrainConfig(Section):
                               "0 disables both.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; default = save_steps.")
     early_stopping_metric: Literal["rewards/accuracies", "rewards/margins"] = Field(
-        "rewards/accuracies", description="Eval metric that must keep improving."
+        "rewards/accuracies", description="DPO: the eval metric that must keep improving (sft stops on the eval "
+        "loss, which must keep falling)."
     )
     early_stopping_patience: int | None = Field(3, ge=1, description="Evals without improvement before stopping; "
                                                 "null disables.")

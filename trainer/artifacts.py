@@ -1,5 +1,5 @@
 """What a training run leaves behind and how it ends: the adapter's summary file, the base's fingerprint (a merge
-into another base is refused), the run's result and its failures (each with its exit code in ``trainer.dpo``).
+into another base is refused), the run's result and its failures (each with its exit code in ``trainer.recipe.cli``).
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ def write_curves(log_history: list[dict[str, Any]], train_dir: Path) -> list[Pat
                         ("rewards/accuracies", "train accuracy"), ("eval_rewards/accuracies", "eval accuracy")],
     }
     for name, keys in panels.items():
+        if not any(key in r for r in log_history for key, _ in keys):
+            continue  # e.g. no rewards in an SFT run
         fig, ax = plt.subplots(figsize=(7, 4))
         for key, label in keys:
             xs, ys = series(key)

@@ -1,8 +1,8 @@
-"""Training-loop hooks for ``trainer.dpo``: callbacks (NaN guard, budget, early stopping, checkpoint markers),
-the DPOTrainer subclass that uses reference log-probs the pairs already carry, and an eager stand-in for
-TRL's Triton log-prob kernel where Triton is missing (CPU builds of torch).
+"""Training-loop hooks for the recipes (``trainer.recipe``): callbacks (NaN guard, budget, early stopping,
+checkpoint markers), the DPOTrainer subclass that uses reference log-probs the pairs already carry, and an eager
+stand-in for TRL's Triton log-prob kernel where Triton is missing (CPU builds of torch).
 
-Imports transformers and TRL at module level, so ``trainer.dpo`` imports it only after Unsloth (which must
+Imports transformers and TRL at module level, so the recipes import it only after Unsloth (which must
 patch them first).
 """
 
@@ -174,12 +174,14 @@ class CostCallback(TrainerCallback):
 
 
 class RewardEarlyStopping(TrainerCallback):
-    """Stop when the eval split's reward accuracy (or margin) has not improved for ``patience`` evaluations."""
+    """Stop when the eval split's ``metric`` (DPO: reward accuracy or margin; SFT: ``loss``, with
+    ``greater_is_better=False``) has not improved for ``patience`` evaluations."""
 
-    def __init__(self, metric: str, patience: int, min_delta: float = 0.0) -> None:
+    def __init__(self, metric: str, patience: int, min_delta: float = 0.0, *, greater_is_better: bool = True) -> None:
         self.key = f"eval_{metric}"
         self.patience = patience
         self.min_delta = min_delta
+        self.sign = 1.0 if greater_is_better else -1.0
         self.best: float | None = None
         self.bad_evals = 0
         self.stopped_at: int | None = None
@@ -190,7 +192,7 @@ class RewardEarlyStopping(TrainerCallback):
         if value is None:
             log.warning("early stopping: %s not in the eval metrics; not stopping on it", self.key)
             return
-        if self.best is None or value > self.best + self.min_delta:
+        if self.best is None or self.sign * (value - self.best) > self.min_delta:
             self.best, self.bad_evals = value, 0
             return
         self.bad_evals += 1

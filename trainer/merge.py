@@ -62,8 +62,8 @@ def check_adapter_matches_base(base_dir: Path, adapter_dir: Path) -> None:
     from trainer.models import other_base
 
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise MergeError(f"no adapter in {adapter_dir} (adapter_config.json missing); run `python -m trainer.dpo "
-                         "--config CFG` first or set merge.adapter_dir")
+        raise MergeError(f"no adapter in {adapter_dir} (adapter_config.json missing); run the round's trainer "
+                         "(`python -m trainer.dpo --config CFG`, or trainer.sft) first or set merge.adapter_dir")
     if not (base_dir / "config.json").is_file():
         raise MergeError(f"base model dir {base_dir} has no config.json; set merge.base_model to the 16-bit model dir")
     if "quantization_config" in json.loads((base_dir / "config.json").read_text()):

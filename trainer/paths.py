@@ -63,9 +63,9 @@ def resolve_init_adapter(cfg: Any) -> Path | None:
     prev = RunDir.from_config(cfg).round(k - 1, create=False).adapter
     if not (prev / "adapter_config.json").is_file():
         raise FileNotFoundError(
-            f"round {k} continues round {k - 1}'s adapter, but {prev} holds none; run `python -m trainer.dpo --config "
-            f"CFG train.round={k - 1}` first, or set train.continue_adapter=false to train a fresh LoRA on "
-            f"round {k - 1}'s merge"
+            f"round {k} continues round {k - 1}'s adapter, but {prev} holds none; run `python -m "
+            f"trainer.{cfg.train.method} --config CFG train.round={k - 1}` first, or set "
+            f"train.continue_adapter=false to train a fresh LoRA on round {k - 1}'s merge"
         )
     return prev
 

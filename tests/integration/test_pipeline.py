@@ -238,3 +238,19 @@ def test_budget_reached_while_training_is_a_stop_not_a_failure(tiny_config):
         state["stopped"]["reason"]
     assert state["stopped"]["promoted_model"] and "round-0/train" not in state["steps"]
     assert "failed with exit code" not in r.stderr
+
+
+def test_train_method_sft_runs_the_sft_recipe_through_the_round(tiny_config):
+    """``train.method=sft``: the pipeline runs ``python -m trainer.sft`` on the round's pairs; its adapter is merged
+    and the merge evaluated as DPO's would be."""
+    cfg, run = tiny_config
+    r = _pipeline("run", "--config", str(cfg), "train.method=sft")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "-m trainer.sft" in r.stderr and "-m trainer.dpo" not in r.stderr
+    train = [json.loads(x) for x in (run / "round-0" / "ledger.jsonl").read_text().splitlines()
+             if json.loads(x)["stage"] == "train"]
+    assert [(e["method"], e["steps"]) for e in train] == [("sft", 4)]
+    summary = json.loads((run / "round-0" / "adapter" / "train_summary.json").read_text())
+    assert summary["method"] == "sft" and summary["train_pairs"] >= 1
+    assert (run / "round-0" / "merged" / "merge_report.json").exists()
+    assert (run / "round-1" / "eval" / "scores.json").exists()

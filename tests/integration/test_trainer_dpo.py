@@ -119,7 +119,7 @@ def test_resume_continues_exactly(trained, tmp_path, caplog):
     shutil.copytree(root / "run", copy)
     shutil.rmtree(copy / "round-0" / "train" / "checkpoint-10")
     shutil.rmtree(copy / "round-0" / "adapter")
-    with caplog.at_level(logging.INFO, logger="trainer.dpo"):
+    with caplog.at_level(logging.INFO, logger="trainer"):
         resumed = train(cfg.model_copy(update={"run": cfg.run.model_copy(update={"root": tmp_path})}), resume=True)
     assert "resuming from" in caplog.text and "checkpoint-5" in caplog.text
     assert resumed.global_step == 10

@@ -59,6 +59,15 @@ def test_early_stopping_on_reward_accuracy(args):
     assert control.should_training_stop and cb.stopped_at == 40 and cb.best == 0.7
 
 
+def test_early_stopping_on_a_loss_that_must_fall(args):
+    cb, control = RewardEarlyStopping("loss", patience=2, greater_is_better=False), TrainerControl()
+    for step, loss in [(10, 2.0), (20, 1.5), (30, 1.6)]:
+        cb.on_evaluate(args, TrainerState(global_step=step), control, metrics={"eval_loss": loss})
+    assert not control.should_training_stop and cb.best == 1.5
+    cb.on_evaluate(args, TrainerState(global_step=40), control, metrics={"eval_loss": 1.5})
+    assert control.should_training_stop and cb.stopped_at == 40
+
+
 def test_last_complete_checkpoint_skips_torn_ones(tmp_path):
     for step in (5, 10, 15):
         (tmp_path / f"checkpoint-{step}").mkdir()
