@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pack a run's small outputs (reports, scores, per-prompt results, pair stats/cards/shards, DPO summaries and curves,
-# merge reports, ledgers, server log tails) into OUT/NAME.tgz (split into 15 MiB parts NAME.tgz.aa, .ab, ... when
+# merge reports, ledgers, server log excerpts) into OUT/NAME.tgz (split into 15 MiB parts NAME.tgz.aa, .ab, ... when
 # larger: the device tool returns at most 8 files of 16 MiB, 2 folders deep). Model weights stay behind.
 #   bash bench/collect_run.sh runs/base-gpu "$OUT" [--adapters]     then: cat NAME.tgz.* | tar xz
 # --adapters also keeps each round's LoRA adapter (round-K/adapter, no checkpoints; ~30 MB a round for
@@ -24,7 +24,10 @@ if [ "$ADAPTERS" = "--adapters" ]; then
     mkdir -p "$OUT/$a"; find "$a" -maxdepth 1 -type f -exec cp -f {} "$OUT/$a/" \;
   done
 fi
-for log in gen_server-round-*.log; do [ -f "$log" ] && tail -n 80 "$log" > "$OUT/$log.tail"; done
+# each server log's start (where its start-up time goes) and end (how it stopped)
+for log in gen_server-round-*.log; do
+  [ -f "$log" ] && { grep -v '"POST /v1/' "$log" | head -n 120; echo "[...]"; tail -n 40 "$log"; } > "$OUT/$log.excerpt"
+done
 tar czf "$DEST/$NAME.tgz" -C "$(dirname "$OUT")" "$NAME"
 if [ "$(stat -c %s "$DEST/$NAME.tgz")" -gt $((15 << 20)) ]; then
   split -b 15M "$DEST/$NAME.tgz" "$DEST/$NAME.tgz." && rm "$DEST/$NAME.tgz"

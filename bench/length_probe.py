@@ -16,7 +16,8 @@ fresh LoRA from the base trained with the config's ``train`` settings (the train
 * ``checker``: the checker pairs alone;
 * ``ld``: ``built`` trained with ``train.ld_alpha=0`` (LD-DPO: only the shared length of each pair counts).
 
-``--arm`` adds an arm of your own, e.g. ``--arm "sft cut+noecho train.loss_type=[sigmoid,sft]"``: a name, a
+``--arm`` adds an arm of your own, e.g. ``--arm "sft cut+noecho train.loss_type=[sigmoid,sft]"`` (DPO plus an SFT
+term) or ``--arm "rft built train.method=sft"`` (``trainer.sft``: SFT on the chosen answers alone): a name, a
 source (``built``, ``cut`` or ``checker``) with modifiers (``+noecho``: without the pairs whose chosen answer
 restates its instruction's constraint sentences, :func:`pair_builder.verify.echo_grams`; ``+stopF``: keep the
 share F of the stop pairs, e.g. ``+stop0.3``; ``+nostop``, ``+nocontrast``; ``+ctr``: the habit contrasts made
@@ -40,6 +41,7 @@ its difference to ``base``; writes ``DIR/ARM/results.jsonl`` (the answers, to re
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -305,7 +307,6 @@ def main() -> int:
     from shared.atomic import atomic_write_json, atomic_write_text
     from shared.config import load_config
     from shared.prompting import load_template
-    from trainer.dpo import train
 
     base = resolve_model(args.base)
     tpl = load_template()
@@ -346,12 +347,13 @@ def main() -> int:
             if extras:
                 pd.DataFrame(extras).to_parquet(pairs / EXTRAS_FILE)
             t0 = time.monotonic()
-            res = train(cfg)
+            res = importlib.import_module(f"trainer.{cfg.train.method}").train(cfg)  # the arm's recipe
             train_s = time.monotonic() - t0
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                               res.adapter_dir).merge_and_unload()
             kinds = Counter(r["principle_id"] for r in extras)
-            score(arm, model, {"recipe": " ".join(recipe), "pairs": len(checker) + len(extras),
+            score(arm, model, {"recipe": " ".join(recipe), "method": cfg.train.method,
+                               "pairs": len(checker) + len(extras),
                                "stop_pairs": kinds["stop"], "repair_pairs": kinds["repair"],
                                "steps": res.global_step, "train_s": round(train_s, 1)})
             del model
