@@ -121,6 +121,30 @@ def test_in_process_build_then_resume_does_nothing(server, assets, tmp_path, loc
     check_output(d, len(INSTRUCTIONS))
 
 
+def test_round_1_stops_when_the_run_s_budget_is_spent(server, assets, tmp_path, local_ray):
+    """The budget covers the whole run. Round 0 recorded $100; round 1's pair building, which costs C in full,
+    gets a budget of $100 + C/2: it stops about halfway, cleanly (exit 0, its shards flushed, nothing done
+    twice), where a per-round account would have let it spend $100 and finish every item."""
+    def build(name: str, *extra: str) -> tuple[list[dict], list[dict]]:
+        r0 = tmp_path / name / "round-0"
+        r0.mkdir(parents=True)
+        (r0 / "ledger.jsonl").write_text(json.dumps({"stage": "train", "status": "ok", "wall_s": 3600.0,
+                                                     "usd_per_hour": 0.1, "cost_usd": 100.0}) + "\n")
+        cfg = load_config(None, overrides(server, assets, tmp_path, name, "pairs.round=1", "pairs.shard_size=1",
+                                          "pairs.in_flight_per_server=1", "cost.gpu_usd_per_hour=36", *extra))
+        assert run(cfg) == 0
+        rd = tmp_path / name / "round-1"
+        return ([json.loads(x) for x in (rd / "pairs" / ".meta" / "done.jsonl").read_text().splitlines()],
+                [json.loads(x) for x in (rd / "ledger.jsonl").read_text().splitlines()])
+
+    done, ledger = build("full")
+    assert len(done) == len(INSTRUCTIONS)
+    full = ledger[0]["cost_usd"]
+    done, ledger = build("half", f"cost.budget_usd={100.0 + full / 2}")
+    assert 0 < len(done) < len(INSTRUCTIONS) and len({e["id"] for e in done}) == len(done)
+    assert [e["stage"] for e in ledger] == ["pairs"] and 100.0 + ledger[0]["cost_usd"] >= 100.0 + full / 2
+
+
 def test_sigkill_midway_then_resubmit_is_exact(server, assets, tmp_path, local_ray):
     args = overrides(server, assets, tmp_path, "k", "pairs.shard_size=1", "pairs.in_flight_per_server=1",
                      "pairs.ray_address=local")
