@@ -111,3 +111,22 @@ def test_the_config_reference_is_current_and_complete():
     assert doc.read_text() == ref, "docs/config.md is stale: python -m shared.config > docs/config.md"
     rows = [ln for ln in ref.splitlines() if ln.startswith("| `")]
     assert len(rows) > 100 and all(not ln.rstrip().endswith("|  |") for ln in rows)  # every key says what it does
+
+
+def test_every_setting_has_a_description():
+    """docs/config.md and `--help` show each key's help: a field without one is a gap in the reference."""
+    from pydantic import BaseModel
+
+    from shared.config import Config
+
+    missing = []
+
+    def walk(model, prefix=""):
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                walk(f.annotation, f"{prefix}{name}.")
+            elif not (f.description or "").strip():
+                missing.append(prefix + name)
+
+    walk(Config)
+    assert not missing, missing
