@@ -3,9 +3,11 @@
     python -m pipeline run --config configs/demo-cpu.yaml [--rounds K] [a.b=c ...]
     python -m pipeline status runs/demo
     python -m pipeline report --config configs/demo-cpu.yaml
+    python -m pipeline plan --config configs/qwen2.5-32b-a100.yaml [--rounds N] [--shape qwen2.5-32b]
 
 `run` after a crash continues from the last finished step. Exit codes: 0 finished (a stopping rule fired),
-1 a step failed (rerun to continue), 2 bad config.
+1 a step failed (rerun to continue) or, for `plan`, the plan does not fit the card; 2 bad config (for `run`, a
+plan that does not fit too: it is refused before any server starts).
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("run_dir", type=Path)
     rep = sub.add_parser("report", help="(re)write RUN/report.md and report.html")
     add_config_args(rep, required=True)
+    pl = sub.add_parser("plan", help="time, GPU memory, host RAM, disk and dollars per stage and round, before "
+                        "a GPU-hour is spent; last line fits: yes|no")
+    add_config_args(pl, required=True)
+    pl.add_argument("--rounds", type=int, help="rounds to price (default pipeline.rounds)")
+    pl.add_argument("--shape", help="plan a known model shape without its files (trainer.plan.KNOWN_SHAPES)")
     args = ap.parse_args(argv)
     setup_logging()
     # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: the running stage and the server are stopped by
@@ -56,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "rounds", None):
             args.overrides.append(f"pipeline.rounds={args.rounds}")
         cfg = config_from_args(args)
+        if args.cmd == "plan":
+            from pipeline.plan import plan, render, shape_for
+
+            shape, name = shape_for(cfg, args.shape)
+            pl = plan(cfg, shape, model=name)
+            print(render(pl))
+            return 0 if pl.fits else 1
         if args.cmd == "report":
             from pipeline.report import write_report
             from pipeline.state import RunState

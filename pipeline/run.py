@@ -348,6 +348,7 @@ def _has_weights(model_dir: Path) -> bool:
 
 def run(cfg: Config) -> int:
     """Run (or continue) the loop until a stopping rule fires. Returns the process exit code."""
+    from pipeline.plan import refuse_unless_fits
     from pipeline.report import write_report
     from pipeline.validate import validate_pipeline
 
@@ -357,6 +358,7 @@ def run(cfg: Config) -> int:
         base_dir = model_of_round(cfg, rd, 0)
     except (OSError, ValueError) as e:  # UnknownModelError, a packaged model that cannot be prepared
         raise ConfigError([f"model.base: {e}"], "pipeline config") from None
+    refuse_unless_fits(cfg)  # cost.gpu: every stage priced; a stage that cannot fit the card stops the run here
     validate_pipeline(cfg, base_dir)
     _check_saved_config(rd, cfg)
     cfg_path = rd.config_path

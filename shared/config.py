@@ -93,6 +93,9 @@ class ClientConfig(Section):
 class CostConfig(Section):
     gpu_usd_per_hour: float = Field(0.0, ge=0, description="Price of the machine (e.g. 1.74 for an A100 SXM 80GB).")
     budget_usd: float | None = Field(None, gt=0, description="Stop cleanly once the ledger reaches this.")
+    gpu: Literal["h200", "h100-80gb", "a100-80gb"] | None = Field(
+        None, description="The card the run is planned for (`python -m pipeline plan`; `pipeline run` plans first "
+        "and refuses a run that cannot fit it); null = no GPU checks (CPU runs).")
 
 
 class ModelConfig(Section):

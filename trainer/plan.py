@@ -57,10 +57,11 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tied_embeddings: bool = False
+    attention_head_dim: int = 0  # config.json's head_dim where it is not hidden / heads (Gemma 3)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.attention_head_dim or self.hidden // self.heads
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one decoder layer."""
@@ -74,12 +75,18 @@ class ModelShape:
         c = c.get("text_config", c)
         return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], intermediate=c["intermediate_size"],
                    heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-                   vocab=c["vocab_size"], tied_embeddings=bool(c.get("tie_word_embeddings", False)))
+                   vocab=c["vocab_size"], tied_embeddings=bool(c.get("tie_word_embeddings", False)),
+                   attention_head_dim=c.get("head_dim") or 0)
 
 
 KNOWN_SHAPES = {
     "qwen2.5-32b": ModelShape(hidden=5120, layers=64, intermediate=27648, heads=40, kv_heads=8, vocab=152064),
     "qwen2.5-7b": ModelShape(hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, vocab=152064),
+    # the packaged models (gen_server.models), so that planning needs no prepared copy
+    "smollm2-135m": ModelShape(hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, vocab=49152,
+                               tied_embeddings=True, attention_head_dim=64),
+    "gemma3-270m": ModelShape(hidden=640, layers=18, intermediate=2048, heads=4, kv_heads=1, vocab=262144,
+                              tied_embeddings=True, attention_head_dim=256),
 }
 
 
