@@ -231,6 +231,9 @@ class TrainConfig(Section):
     ref_check_rows: int = Field(4, ge=0, description="Rows on which supplied reference log-probs are recomputed.")
     ref_check_tolerance: float = Field(0.05, gt=0.0, description="Max mean |difference| per response token (nats) "
                                        "between supplied and recomputed reference log-probs.")
+    gpu_wait_s: float = Field(120.0, ge=0.0, description="GPU only: before the model loads, wait up to this long "
+                              "for the memory the planner says training needs to be free (a server stopping "
+                              "just before gives it back in seconds), then refuse, naming who holds it.")
     seed: int = Field(3407, description="Seeds LoRA init, data order and dropout.")
     logging_steps: int = Field(1, ge=1, description="Log every N steps (also how often NaN/inf loss is checked).")
     save_steps: int = Field(50, ge=1, description="Adapter checkpoint every N steps: lower loses less on a crash.")

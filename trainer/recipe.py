@@ -85,6 +85,48 @@ def _check_trackers(report_to: list[str]) -> None:
                            "or drop it (train.report_to=[])"])
 
 
+class GPUBusy(MemoryError):
+    """The GPU does not have the memory training needs free; the message names who holds it."""
+
+
+def _gpu_holders() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "nvidia-smi not available"
+    return "; ".join(line.strip() for line in out.splitlines()) or "no compute process listed"
+
+
+def wait_for_gpu(need_gib: float, timeout_s: float, *, mem_get_info: Any = None, sleep: Any = None) -> float:
+    """Wait until ``need_gib`` of the GPU is free, polling every 2 s for up to ``timeout_s``; returns the free
+    GiB. The server of the round's pair building is stopped just before training; a slow exit can still hold
+    its memory for a few seconds, and a server left running by an interrupted run holds it for good: then this
+    raises :class:`GPUBusy` naming the processes (nvidia-smi) instead of an out-of-memory error mid-load."""
+    import time
+
+    if mem_get_info is None:
+        import torch
+
+        mem_get_info = torch.cuda.mem_get_info
+    sleep = sleep or time.sleep
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free, total = (x / 2**30 for x in mem_get_info())
+        if free >= need_gib:
+            return free
+        if time.monotonic() >= deadline:
+            raise GPUBusy(
+                f"the GPU has {free:.1f} GiB free of {total:.1f}, training needs about {need_gib:.1f} (the memory "
+                f"planner's peak) and waited {timeout_s:.0f} s (train.gpu_wait_s). Held by: {_gpu_holders()}. Stop "
+                "what holds it (a gen_server left by an interrupted run: `pkill -f gen_server`), or lower "
+                "train.per_device_train_batch_size / train.max_length")
+        log.info("waiting for the GPU: %.1f GiB free, %.1f needed", free, need_gib)
+        sleep(2.0)
+
+
 def prepare(cfg: Config, *, force: bool = False) -> Round:
     """Backend, paths, trackers, and the round's pairs validated and split; raises before any model loads."""
     t = cfg.train
@@ -116,6 +158,13 @@ def prepare(cfg: Config, *, force: bool = False) -> Round:
     if eval_ds is None and t.eval_split > 0:
         log.warning("eval split of %d pairs x %.2f rounds to 0: no eval and no early stopping", len(ds), t.eval_split)
     batch_size = resolve_batch_size(cfg, paths.base_model)
+    import torch
+
+    if torch.cuda.is_available():
+        from trainer.plan import ModelShape, _estimate_for
+
+        shape = ModelShape.from_config(paths.base_model / "config.json")
+        wait_for_gpu(_estimate_for(cfg, shape, batch_size)["peak_gib"], t.gpu_wait_s)
     paths.train_dir.mkdir(parents=True, exist_ok=True)
     return Round(cfg, backend, paths, template, tokenizer, ds, eval_ds, batch_size)
 

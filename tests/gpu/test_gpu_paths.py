@@ -120,3 +120,29 @@ def test_unsloth_dpo_then_verified_merge(small_model, tmp_path):
     # (rightly) refuses a bf16 merge that rounds the update away
     r = subprocess.run([sys.executable, "-m", "trainer.merge", *common, "merge.dtype=float32"], cwd=REPO)
     assert r.returncode == 0 and (tmp_path / "g" / "round-0" / "merged" / "config.json").exists()
+
+
+@needs_cuda
+def test_training_waits_for_the_gpu_and_refuses_a_holder_that_stays():
+    """A process holding most of the GPU (a server left running): the trainer's check refuses with who holds it;
+    once the holder exits, the same check passes."""
+    import time
+
+    import torch
+
+    from trainer.recipe import GPUBusy, wait_for_gpu
+
+    free, total = (x / 2**30 for x in torch.cuda.mem_get_info())
+    hold = free - 4.0  # leave 4 GiB: less than the 8 the check asks for
+    holder = subprocess.Popen([sys.executable, "-c", f"import torch, time; x = torch.empty({int(hold * 2**30)}, "
+                               "dtype=torch.uint8, device='cuda'); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(GPUBusy, match="Held by:"):
+            wait_for_gpu(8.0, 4.0)
+    finally:
+        holder.kill()
+        holder.wait()
+    t0 = time.monotonic()
+    assert wait_for_gpu(8.0, 60.0) >= 8.0 and time.monotonic() - t0 < 60

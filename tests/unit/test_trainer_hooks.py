@@ -127,3 +127,15 @@ def test_template_frame_matches_render():
     prefix, suffix = template_frame(t)
     rendered = t.render("Do a thing.")
     assert rendered.startswith(prefix) and rendered.endswith(suffix) and suffix.endswith(t.answer_prefix)
+
+
+def test_wait_for_gpu_waits_for_a_stopping_server_then_refuses_one_that_stays():
+    from trainer.recipe import GPUBusy, wait_for_gpu
+
+    gib = 2**30
+    readings = iter([(10 * gib, 80 * gib), (30 * gib, 80 * gib), (75 * gib, 80 * gib)])  # a server letting go
+    slept = []
+    assert wait_for_gpu(50, 60, mem_get_info=lambda: next(readings), sleep=slept.append) == 75
+    assert slept == [2.0, 2.0]
+    with pytest.raises(GPUBusy, match=r"10\.0 GiB free of 80\.0, training needs about 50\.0.*train\.gpu_wait_s"):
+        wait_for_gpu(50, 0, mem_get_info=lambda: (10 * gib, 80 * gib), sleep=slept.append)
