@@ -236,7 +236,9 @@ class TrainConfig(Section):
                               "just before gives it back in seconds), then refuse, naming who holds it.")
     seed: int = Field(3407, description="Seeds LoRA init, data order and dropout.")
     logging_steps: int = Field(1, ge=1, description="Log every N steps (also how often NaN/inf loss is checked).")
-    save_steps: int = Field(50, ge=1, description="Adapter checkpoint every N steps: lower loses less on a crash.")
+    save_steps: int | Literal["auto"] = Field(
+        "auto", description="Adapter checkpoint every N steps (lower loses less on a crash); auto = a quarter of the "
+        "round's optimizer steps, so that a round of any size is checkpointed (and evaluated) four times.")
     save_total_limit: int | None = Field(3, ge=1, description="Checkpoints kept on disk (oldest deleted).")
     eval_split: float = Field(0.05, ge=0.0, lt=1.0, description="Held-out share of pairs for eval/early stopping; "
                               "0 disables both.")
@@ -250,6 +252,13 @@ class TrainConfig(Section):
     optim: str = Field("adamw_torch", description="transformers optimizer; adamw_8bit saves GPU memory.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="tensorboard, wandb, ... "
                                  "([] for none).")
+
+    @field_validator("save_steps")
+    @classmethod
+    def _positive_or_auto(cls, v: Any) -> Any:
+        if v != "auto" and v < 1:
+            raise ValueError(f"must be a step count >= 1 or 'auto' (a quarter of the round's steps), got {v}")
+        return v
 
     @field_validator("loss_type", mode="before")
     @classmethod

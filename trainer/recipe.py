@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -220,11 +221,21 @@ def callbacks(r: Round, early_metric: str | None = None, *, greater_is_better: b
     return cb
 
 
+def round_steps(r: Round) -> int:
+    """Optimizer steps this round will take: ``train.max_steps``, else epochs over the training rows."""
+    t = r.cfg.train
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.ceil(math.ceil(len(r.train) / (r.batch_size * t.gradient_accumulation_steps))
+                            * t.num_train_epochs))
+
+
 def training_args(r: Round) -> dict[str, Any]:
     """The TrainingArguments every recipe shares (its own config class adds the method's fields)."""
     import torch
 
     t = r.cfg.train
+    save_steps = max(1, round_steps(r) // 4) if t.save_steps == "auto" else t.save_steps
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
     has_eval = r.eval is not None
@@ -245,10 +256,10 @@ def training_args(r: Round) -> dict[str, Any]:
         optim=t.optim,
         logging_steps=t.logging_steps,
         save_strategy="steps",
-        save_steps=t.save_steps,
+        save_steps=save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
+        eval_steps=(t.eval_steps or save_steps) if has_eval else None,
         report_to=list(t.report_to) or "none",
         bf16=bf16,
         fp16=on_gpu and not bf16,

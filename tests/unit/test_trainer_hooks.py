@@ -139,3 +139,23 @@ def test_wait_for_gpu_waits_for_a_stopping_server_then_refuses_one_that_stays():
     assert slept == [2.0, 2.0]
     with pytest.raises(GPUBusy, match=r"10\.0 GiB free of 80\.0, training needs about 50\.0.*train\.gpu_wait_s"):
         wait_for_gpu(50, 0, mem_get_info=lambda: (10 * gib, 80 * gib), sleep=slept.append)
+
+
+def test_auto_save_steps_checkpoint_and_evaluate_a_round_of_any_size_four_times(tmp_path):
+    from types import SimpleNamespace
+
+    from shared.config import load_config
+    from trainer.recipe import Round, round_steps, training_args
+
+    def args(n_pairs, *over):
+        cfg = load_config(None, ["train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=4",
+                                 "train.num_train_epochs=1", *over])
+        r = Round(cfg, "peft", SimpleNamespace(train_dir=tmp_path), None, None, list(range(n_pairs)), [0], 8)
+        return round_steps(r), training_args(r)
+
+    steps, a = args(450)  # the 32B config's round: ~450 pairs, effective batch 32 -> 15 steps
+    assert steps == 15 and a["save_steps"] == 3 and a["eval_steps"] == 3
+    steps, a = args(20)
+    assert steps == 1 and a["save_steps"] == 1
+    assert args(450, "train.save_steps=50")[1]["save_steps"] == 50  # a number is kept as given
+    assert args(450, "train.max_steps=40")[1]["save_steps"] == 10
