@@ -81,24 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ev = cfg.eval
-    from eval.run import EvalError, EvalSettings, run_eval
+    from eval.run import EvalError, EvalSettings, config_settings, run_eval
     from shared.client import ServerUnavailable
-    from shared.prompting import load_template
     from shared.rundir import RunDir
 
     out = args.out or RunDir.from_config(cfg).round(args.round, create=False).eval
-    settings = EvalSettings(prompt_style=args.prompt_style or ev.prompt_style,
-                            max_tokens=_given(args.max_tokens, ev.max_tokens), temperature=ev.temperature)
+    kw = config_settings(cfg)  # the config's settings; the flags given override them
+    kw.update(suite=args.suite or ev.suite, limit=_given(args.limit, ev.limit),
+              concurrency=_given(args.concurrency, ev.concurrency),
+              prompts_per_request=_given(args.prompts_per_request, ev.prompts_per_request),
+              settings=EvalSettings(prompt_style=args.prompt_style or ev.prompt_style,
+                                    max_tokens=_given(args.max_tokens, ev.max_tokens), temperature=ev.temperature))
     try:
         scores = run_eval(
             base_url=args.server or cfg.server.base_url, model=args.model or cfg.server.served_model_name,
-            api_key=args.api_key or os.environ.get("GEN_SERVER_API_KEY") or cfg.server.api_key,
-            suite=args.suite or ev.suite, out_dir=out, limit=_given(args.limit, ev.limit), settings=settings,
-            template=load_template(cfg.model.template), concurrency=_given(args.concurrency, ev.concurrency),
-            timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries, stall_timeout=cfg.client.stall_timeout_s,
-            prompts_per_request=_given(args.prompts_per_request, ev.prompts_per_request),
-            heldout_types=ev.heldout_types, long_words=ev.long_answer_words,
-        )
+            api_key=args.api_key or os.environ.get("GEN_SERVER_API_KEY") or cfg.server.api_key, out_dir=out, **kw)
     except (EvalError, ServerUnavailable, PermissionError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

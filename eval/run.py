@@ -271,6 +271,19 @@ def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, st
     return results, scores
 
 
+def config_settings(cfg: Any) -> dict[str, Any]:
+    """:func:`run_eval`'s keyword arguments from a config's ``eval``, ``client`` and ``model`` sections: the one
+    mapping, used by ``python -m eval`` (which lets flags override each) and by the pipeline."""
+    ev = cfg.eval
+    return dict(
+        suite=ev.suite, limit=ev.limit, template=load_template(cfg.model.template),
+        settings=EvalSettings(prompt_style=ev.prompt_style, max_tokens=ev.max_tokens, temperature=ev.temperature),
+        concurrency=ev.concurrency, prompts_per_request=ev.prompts_per_request, heldout_types=ev.heldout_types,
+        long_words=ev.long_answer_words, timeout=cfg.client.timeout_s, max_retries=cfg.client.max_retries,
+        stall_timeout=cfg.client.stall_timeout_s,
+    )
+
+
 def run_eval(
     *, base_url: str, model: str | None, api_key: str | None, suite: str = "own", out_dir: str | os.PathLike[str],
     limit: int | None = None, settings: EvalSettings = EvalSettings(), template: BaseTemplate | None = None,

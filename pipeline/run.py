@@ -269,8 +269,7 @@ def pairs_command(cfg: Config, cfg_path: Path, k: int, server_url: str, api_key:
 def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Path) -> tuple[str, str | None] | None:
     """Everything round k needs the server for: base check, eval, stop decision, pairs."""
     from eval.base_check import check as base_check
-    from eval.run import EvalSettings, run_eval
-    from shared.prompting import load_template
+    from eval.run import config_settings, run_eval
 
     rk = rd.round(k)
     model_dir = model_of_round(cfg, rd, k)
@@ -295,15 +294,8 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
         if not state.done(f"round-{k}/eval"):
             ev = cfg.eval
             with ledger.stage("eval", suite=ev.suite) as st:
-                scores = run_eval(
-                    base_url=srv.base_url, model=None, api_key=srv.api_key, suite=ev.suite, out_dir=rk.eval,
-                    limit=ev.limit, settings=EvalSettings(prompt_style=ev.prompt_style, max_tokens=ev.max_tokens,
-                                                          temperature=ev.temperature),
-                    template=load_template(cfg.model.template), concurrency=ev.concurrency,
-                    prompts_per_request=ev.prompts_per_request, timeout=cfg.client.timeout_s,
-                    max_retries=cfg.client.max_retries, stall_timeout=cfg.client.stall_timeout_s,
-                    heldout_types=ev.heldout_types,
-                    long_words=ev.long_answer_words)
+                scores = run_eval(base_url=srv.base_url, model=None, api_key=srv.api_key, out_dir=rk.eval,
+                                  **config_settings(cfg))
                 st.add(completion_tokens=scores["completion_tokens"], prompts=scores["n_prompts"])
             log.info("round %d eval: %s=%.4f", k, ev.gate_metric, scores[ev.gate_metric])
             _mark(state, f"round-{k}/eval", **{m: scores[m] for m in ("prompt_strict", "prompt_loose",

@@ -119,3 +119,19 @@ def test_an_echo_is_degenerate_and_counted_in_its_own_rate():
     assert [r["degenerate"] for r in rows] == [True, False]
     assert scores["prompt_loose"] == 1.0 and scores["prompt_loose_clean"] == 0.5
     assert scores["degeneration"]["echo_rate"] == 0.5
+
+
+def test_config_settings_is_the_one_config_to_run_eval_mapping():
+    import inspect
+
+    from eval.run import config_settings, run_eval
+    from shared.config import load_config
+
+    cfg = load_config(None, ["eval.suite=ifeval", "eval.limit=7", "eval.max_tokens=99", "eval.concurrency=3",
+                             "eval.prompts_per_request=2", "eval.long_answer_words=150", "client.timeout_s=12",
+                             "client.max_retries=1", "client.stall_timeout_s=34", "eval.heldout_types=[startend:quotation]"])
+    kw = config_settings(cfg)
+    assert set(kw) <= set(inspect.signature(run_eval).parameters)
+    assert (kw["suite"], kw["limit"], kw["settings"].max_tokens, kw["concurrency"], kw["prompts_per_request"],
+            kw["long_words"], kw["timeout"], kw["max_retries"], kw["stall_timeout"], list(kw["heldout_types"])) == (
+        "ifeval", 7, 99, 3, 2, 150, 12, 1, 34, ["startend:quotation"])
