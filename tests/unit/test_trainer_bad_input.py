@@ -41,7 +41,7 @@ def test_merge_refuses_a_quantized_base_and_a_missing_adapter(tiny_model_dir, tm
     (q / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(MergeError, match="ORIGINAL 16-bit"):
         check_adapter_matches_base(q, adapter)
-    with pytest.raises(MergeError, match="run the round.s trainer \(`python -m trainer.dpo"):
+    with pytest.raises(MergeError, match=r"run the round.s trainer \(`python -m trainer.dpo"):
         check_adapter_matches_base(tiny_model_dir, tmp_path / "nowhere")
 
 
