@@ -198,21 +198,22 @@ CI_KEYS = (("metrics", "prompt_loose"), ("metrics", "prompt_loose_clean"), ("met
            ("degeneration", "lowercase_rate"), ("degeneration", "no_comma_rate"), ("degeneration", "format_rate"))
 
 
-def ci_table(arm_dirs: dict[str, Path], heldout: list[str]) -> str:
-    """Each arm against ``base``: the value, the change and its 95% paired bootstrap interval
-    (:func:`eval.report.compare`; on the own suite it resamples whole seed tasks, since a task's variants are
-    not independent). An arm's change is worth reading only where its interval excludes 0."""
+def ci_table(arm_dirs: dict[str, Path], heldout: list[str], against: str = "base") -> str:
+    """Each arm against ``against`` (the untrained ``base``, or another arm to choose between two recipes): the
+    value, the change and its 95% paired bootstrap interval (:func:`eval.report.compare`; on the own suite it
+    resamples whole seed tasks, since a task's variants are not independent). An arm's change is worth reading
+    only where its interval excludes 0."""
     from eval.report import compare
 
-    if "base" not in arm_dirs:
-        return "(no base arm: no intervals)"
+    if against not in arm_dirs:
+        return f"(no {against} arm: no intervals)"
     head = "| arm | " + " | ".join(("heldout_loose" if s == "heldout" else k) for s, k in CI_KEYS) + " |"
     lines = [head, "|---" * (len(CI_KEYS) + 1) + "|"]
     by = ""
     for arm, d in arm_dirs.items():
-        if arm == "base":
+        if arm == against:
             continue
-        c = compare(arm_dirs["base"], d, heldout_types=heldout)
+        c = compare(arm_dirs[against], d, heldout_types=heldout)
         by = f"{c['n_paired']} prompts, resampled by {c.get('resampled', 'prompt')} ({c.get('n_groups')} groups)"
         cells = []
         for sect, k in CI_KEYS:
@@ -224,10 +225,10 @@ def ci_table(arm_dirs: dict[str, Path], heldout: list[str]) -> str:
             ci = f" [{v['ci95'][0]:+{fmt}}, {v['ci95'][1]:+{fmt}}]" if v["ci95"] else ""
             cells.append(f"{v['b']:{fmt}} ({v['delta']:+{fmt}}{ci}){' *' if v['significant'] else ''}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return f"\nchange against base, 95% paired bootstrap interval; * = excludes 0; {by}\n" + "\n".join(lines)
+    return f"\nchange against {against}, 95% paired bootstrap interval; * = excludes 0; {by}\n" + "\n".join(lines)
 
 
-def report(dirs: list[Path], heldout: list[str], suite_items: list[dict] | None) -> None:
+def report(dirs: list[Path], heldout: list[str], suite_items: list[dict] | None, against: str = "base") -> None:
     """``--report``: the interval table over the arms of one or more probe output dirs. Results written by a
     probe before rows carried ``task_id`` or ``echo`` get them from the suite, by key (an echo makes the answer
     degenerate: the clean metrics are then recomputed)."""
@@ -252,7 +253,7 @@ def report(dirs: list[Path], heldout: list[str], suite_items: list[dict] | None)
 
                 atomic_write_text(res, "".join(json.dumps(r) + "\n" for r in new))
             arm_dirs.setdefault(res.parent.name, res.parent)
-    print(ci_table(dict(sorted(arm_dirs.items(), key=lambda kv: kv[0] != "base")), heldout))
+    print(ci_table(dict(sorted(arm_dirs.items(), key=lambda kv: kv[0] != against)), heldout, against))
 
 
 def main() -> int:
@@ -272,6 +273,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/length_probe"))
     ap.add_argument("--report", type=Path, nargs="+", metavar="DIR",
                     help="no training: the interval table of earlier probes' output dirs (their arms, against base)")
+    ap.add_argument("--against", default="base", metavar="ARM",
+                    help="the arm every other is compared with (default base; another arm to choose between recipes)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every trained arm (key=value)")
     args = ap.parse_args()
     if args.report:
@@ -280,7 +283,7 @@ def main() -> int:
         from shared.config import load_config
 
         report(args.report, load_config(args.config, []).eval.heldout_types,
-               own_suite(variants=args.variants) if args.suite == "own" else load_ifeval_prompts())
+               own_suite(variants=args.variants) if args.suite == "own" else load_ifeval_prompts(), args.against)
         return 0
     if args.pairs is None:
         ap.error("--pairs is required (or --report DIR... for the table of earlier probes)")
@@ -362,7 +365,7 @@ def main() -> int:
     atomic_write_json(args.out / "probe.json", {"pairs": str(args.pairs), "config": args.config, "suite": args.suite,
                                                 "prompts": len(items),
                                                 "overrides": args.overrides, "arms": results})
-    print(ci_table({arm: args.out / arm for arm in results}, heldout))
+    print(ci_table({arm: args.out / arm for arm in results}, heldout, args.against))
     return 0
 
 

@@ -78,3 +78,24 @@ def test_norep_and_repin_on_the_fourth_run_s_repairs():
     kept = [r for r in repin if r["principle_id"] == "repair"]
     assert len(kept) == 56 and all(same_ending(r["chosen"], r["rejected"]) for r in kept)
     assert len(repin) - len(kept) == len(norep)
+
+
+def test_ci_table_compares_against_any_arm(tmp_path):
+    from length_probe import ci_table
+
+    def write(arm, flags):
+        d = tmp_path / arm
+        d.mkdir()
+        d.joinpath("results.jsonl").write_text("".join(json.dumps({
+            "key": f"k{i}", "instruction_id_list": ["punctuation:no_comma"], "follow_strict": [f], "follow_loose": [f],
+            "prompt_strict": f, "prompt_loose": f, "response": "x", "finish_reason": "stop"}) + "\n"
+            for i, f in enumerate(flags)))
+        return d
+
+    dirs = {"base": write("base", [False] * 100), "a": write("a", [True] * 30 + [False] * 70),
+            "b": write("b", [True] * 60 + [False] * 40)}
+    vs_base = ci_table(dirs, [])
+    assert "change against base" in vs_base and "| a | 0.300 (+0.300" in vs_base
+    vs_a = ci_table(dirs, [], against="a")
+    assert "change against a" in vs_a and "| b | 0.600 (+0.300" in vs_a and "| base | 0.000 (-0.300" in vs_a
+    assert ci_table(dirs, [], against="c") == "(no c arm: no intervals)"
