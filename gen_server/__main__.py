@@ -45,6 +45,7 @@ log = logging.getLogger("gen_server")
 # from it. Fields the CLI names differently (the argparse dest), and the one it takes after `--`:
 DEST = {"health_timeout_s": "health_timeout"}
 AFTER_DASHDASH = {"extra_args"}
+PIPELINE_ONLY = {"replicas"}  # how many servers the pipeline starts: not a setting of one server
 CLI_HELP = {  # what the CLI says instead of the schema's default
     "model": f"Required. Packaged: {', '.join(KNOWN_MODELS)}.",
     "api_key": "Default: $GEN_SERVER_API_KEY; none if unset.",
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {None: ap, "embedded": ap.add_argument_group("embedded backend (CPU)"),
               "vllm": ap.add_argument_group("vllm backend (GPU)")}
     for name, f in ServerConfig.model_fields.items():
-        if name in AFTER_DASHDASH:
+        if name in AFTER_DASHDASH | PIPELINE_ONLY:
             continue
         dest = DEST.get(name, name)
         owner = _owner(dest)
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 def server_settings(args: argparse.Namespace) -> tuple[ServerConfig | None, list[str]]:
     """(the ServerConfig the given options make, problems): every field checked by the schema at once."""
     given = {name: getattr(args, DEST.get(name, name)) for name in ServerConfig.model_fields
-             if name not in AFTER_DASHDASH | {"backend"} and getattr(args, DEST.get(name, name), None) is not None}
+             if name not in AFTER_DASHDASH | PIPELINE_ONLY | {"backend"}
+             and getattr(args, DEST.get(name, name), None) is not None}
     try:
         return ServerConfig(**given), []
     except ValidationError as e:
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, _ = server_settings(args)  # valid: _validate passed
     for name, value in settings.model_dump().items():  # what was not given takes the schema's default
         dest = DEST.get(name, name)
-        if name not in AFTER_DASHDASH and getattr(args, dest, None) is None:
+        if name not in AFTER_DASHDASH | PIPELINE_ONLY and getattr(args, dest, None) is None:
             setattr(args, dest, value)
     args.backend = backend
     return backends.get(backend).run(args, model_dir, served_name, passthrough)

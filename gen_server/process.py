@@ -101,18 +101,23 @@ class ServerProcess:
         return cmd + self.extra_args
 
     def start(self) -> ServerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **(self.env or {}), "GEN_SERVER_API_KEY": self.api_key}  # key not on the command line
-        log.info("starting gen_server (%s) on %s, log: %s", self.backend, self.base_url, self.log_path)
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, preexec_fn=die_with_parent)
+        self.launch()
         try:
             self._wait_healthy()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def launch(self) -> None:
+        """Start the process without waiting for it. Call it from the thread that lives as long as the server:
+        the child dies with the thread that started it (``die_with_parent``: PR_SET_PDEATHSIG)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **(self.env or {}), "GEN_SERVER_API_KEY": self.api_key}  # key not on the command line
+        log.info("starting gen_server (%s) on %s, log: %s", self.backend, self.base_url, self.log_path)
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, preexec_fn=die_with_parent)
 
     def _wait_healthy(self) -> None:
         assert self.proc is not None
@@ -145,3 +150,69 @@ class ServerProcess:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use: ``CUDA_VISIBLE_DEVICES`` when set, else what ``nvidia-smi -L`` lists (0 when
+    there is none). Read without importing torch: the serving side never needs it."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return len([d for d in vis.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def replica_devices(replicas: int | str, tensor_parallel: int, gpus: int) -> list[str | None]:
+    """The ``CUDA_VISIBLE_DEVICES`` of each replica: consecutive groups of ``tensor_parallel`` GPUs ("0", "1", or
+    "0,1", "2,3"); None for each replica when there is no GPU (the embedded CPU server). ``auto``: as many
+    replicas as the GPUs hold (at least one). Raises ValueError when the GPUs are too few."""
+    if gpus == 0:
+        return [None] * (1 if replicas == "auto" else int(replicas))
+    n = max(1, gpus // tensor_parallel) if replicas == "auto" else int(replicas)
+    if n * tensor_parallel > gpus:
+        raise ValueError(f"server.replicas={replicas} x server.tensor_parallel_size={tensor_parallel} needs "
+                         f"{n * tensor_parallel} GPUs; {gpus} visible. Lower server.replicas (or use 'auto')")
+    ids = [str(i) for i in range(gpus)]
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        ids = [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    return [",".join(ids[i * tensor_parallel:(i + 1) * tensor_parallel]) for i in range(n)]
+
+
+def start_replicas(server: Any, model: str | os.PathLike[str], log_path: Any, **kwargs: Any) -> list[ServerProcess]:
+    """``server.replicas`` servers of ``model`` (a ``ServerConfig``), started together, each on its own port and
+    GPU(s) and sharing one API key; ``log_path(i)`` names replica i's log. All are stopped if one fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    devices = replica_devices(server.replicas, server.tensor_parallel_size,
+                              visible_gpus() if server.backend != "embedded" else 0)
+    key = server.api_key or secrets.token_hex(16)
+    procs = []
+    for i, dev in enumerate(devices):
+        env = {"CUDA_VISIBLE_DEVICES": dev} if dev is not None and len(devices) > 1 else None
+        procs.append(ServerProcess.from_config(server.model_copy(update={"api_key": key}), model,
+                                               log_path=log_path(i), env=env, **kwargs))
+    try:
+        for p in procs:  # launched from this thread (they die with the thread that starts them), then
+            p.launch()   # waited for together: N replicas load in the time of one
+        with ThreadPoolExecutor(len(procs)) as pool:
+            futures = [pool.submit(p._wait_healthy) for p in procs]
+            errors = [f.exception() for f in futures]
+    except BaseException:
+        stop_all(procs)
+        raise
+    if failed := [e for e in errors if e is not None]:
+        stop_all(procs)
+        raise failed[0]
+    return procs
+
+
+def stop_all(procs: list[ServerProcess]) -> None:
+    """Stop every server at once (each waits out its own grace), so N replicas take one grace, not N."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if procs:
+        with ThreadPoolExecutor(len(procs)) as pool:
+            list(pool.map(lambda p: p.stop(), procs))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gen_server.process import ServerProcess
+from gen_server.process import start_replicas, stop_all
 from pipeline.state import RunState
 from shared.config import Config, ConfigError, load_config, redacted
 from shared.ledger import CostLedger
@@ -246,12 +246,12 @@ def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
     return None
 
 
-def pairs_command(cfg: Config, cfg_path: Path, k: int, server_url: str, api_key: str
+def pairs_command(cfg: Config, cfg_path: Path, k: int, server_urls: list[str], api_key: str
                   ) -> tuple[list[str], dict[str, str]]:
     """The pair_builder invocation for round k: a child process with its own local Ray, or a `ray job submit`
     to a cluster. The key never goes on a command line (visible in `ps`): it is in the child's environment, or
     in the job's runtime env, written to a private (0600) file beside the config."""
-    args = ["--config", str(cfg_path), f"pairs.round={k}", f"pairs.servers=[{server_url}]"]
+    args = ["--config", str(cfg_path), f"pairs.round={k}", f"pairs.servers=[{','.join(server_urls)}]"]
     env = {"GEN_SERVER_API_KEY": api_key}
     if cfg.pipeline.pairs_runner == "inprocess":
         return [sys.executable, "-m", "pair_builder", *args], env
@@ -280,8 +280,12 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
             return stop or _no_pairs(state, rk, k, model_dir)
     ledger = CostLedger(rk.ledger, cfg.cost.gpu_usd_per_hour)
     log_dir = Path(cfg.pipeline.server_log_dir or rd.path)
-    with ledger.stage("serve_start", model=str(model_dir)):
-        srv = ServerProcess.from_config(cfg.server, model_dir, log_path=log_dir / f"gen_server-round-{k}.log").start()
+    with ledger.stage("serve_start", model=str(model_dir)) as st:
+        # server.replicas servers on this node, started together; the first also serves the eval
+        servers = start_replicas(cfg.server, model_dir, lambda i: log_dir / (
+            f"gen_server-round-{k}.log" if i == 0 else f"gen_server-round-{k}-replica-{i}.log"))
+        st.add(replicas=len(servers))
+    srv = servers[0]
     try:
         if k == 0 and not state.done("round-0/base_check"):
             verdict, evidence = base_check(model_dir, server=srv.base_url, api_key=srv.api_key)
@@ -304,13 +308,13 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
         if stop is not None:
             return stop
         if not state.done(f"round-{k}/pairs"):
-            cmd, env = pairs_command(cfg, cfg_path, k, srv.base_url, srv.api_key)
+            cmd, env = pairs_command(cfg, cfg_path, k, [s.base_url for s in servers], srv.api_key)
             _stage(cmd, f"round-{k}/pairs", env)
             stats_path = rk.pairs / ".meta" / "stats.json"
             stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
             _mark(state, f"round-{k}/pairs", kept=stats.get("kept"))
     finally:
-        srv.stop()
+        stop_all(servers)
     return _no_pairs(state, rk, k, model_dir)
 
 

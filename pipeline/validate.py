@@ -57,7 +57,14 @@ def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
         problems.append("train.round / pairs.round must be 0 (unset) in a pipeline run: the loop sets them per round")
     if cfg.pairs.servers:
         problems.append("pairs.servers must be empty in a pipeline run: the pipeline starts its own gen_server "
-                        "per round (set server.* instead)")
+                        "per round (set server.* instead; server.replicas for several)")
+    if cfg.server.backend != "embedded" and cfg.server.replicas != 1:
+        from gen_server.process import replica_devices, visible_gpus
+
+        try:  # enough GPUs for every replica's tensor-parallel group
+            replica_devices(cfg.server.replicas, cfg.server.tensor_parallel_size, visible_gpus())
+        except ValueError as e:
+            problems.append(str(e))
     if cfg.cost.budget_usd is not None and cfg.cost.gpu_usd_per_hour == 0:
         problems.append("cost.budget_usd is set but cost.gpu_usd_per_hour is 0, so the budget can never be reached: "
                         "set the machine's price")

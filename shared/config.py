@@ -76,10 +76,21 @@ class ServerConfig(Section):
     enable_prefix_caching: bool = Field(True, description="vLLM: reuse the shared few-shot prefix across requests.")
     extra_args: list[str] = Field(default_factory=list, description="Passed to `vllm serve` verbatim.")
     health_timeout_s: float = Field(900.0, gt=0, description="How long to wait for /health after start.")
+    replicas: int | Literal["auto"] = Field(
+        1, description="Pipeline: generation servers per round, on this node: each vLLM replica pinned to its own "
+        "GPU(s) (tensor_parallel_size each); auto = one per tensor_parallel_size of the visible GPUs. Pair building "
+        "spreads over all of them; the eval runs on the first. Not an option of one gen_server.")
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @field_validator("replicas")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        if v != "auto" and v < 1:
+            raise ValueError(f"must be a count >= 1 or 'auto' (one per GPU), got {v}")
+        return v
 
 
 class ClientConfig(Section):

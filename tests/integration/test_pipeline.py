@@ -254,3 +254,20 @@ def test_train_method_sft_runs_the_sft_recipe_through_the_round(tiny_config):
     assert summary["method"] == "sft" and summary["train_pairs"] >= 1
     assert (run / "round-0" / "merged" / "merge_report.json").exists()
     assert (run / "round-1" / "eval" / "scores.json").exists()
+
+
+def test_two_replicas_share_the_pair_building_and_stop_together(tiny_config, tiny_model_dir):
+    """server.replicas=2: two servers start together (one key), pair_builder is given both URLs and sends work to
+    each, the eval runs on the first, and both stop when the phase ends."""
+    cfg, run = tiny_config
+    before = _servers(tiny_model_dir)
+    r = _pipeline("run", "--config", str(cfg), "server.replicas=2", crash_after="round-0/pairs")
+    assert r.returncode == 137, r.stderr[-3000:]
+    assert not _no_new_servers(before, tiny_model_dir)
+    ledger = [json.loads(x) for x in (run / "round-0" / "ledger.jsonl").read_text().splitlines()]
+    assert [e.get("replicas") for e in ledger if e["stage"] == "serve_start"] == [2]
+    stats = json.loads((run / "round-0" / "pairs" / ".meta" / "stats.json").read_text())
+    assert len(stats["run"]["servers"].split(", ")) == 2
+    logs = [run / "gen_server-round-0.log", run / "gen_server-round-0-replica-1.log"]
+    posts = [log.read_text().count("POST /v1/completions") for log in logs]
+    assert all(n > 0 for n in posts), posts

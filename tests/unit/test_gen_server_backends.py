@@ -68,11 +68,12 @@ def test_a_third_backend_is_one_registration(monkeypatch, tiny_model_dir):
 def test_the_cli_is_made_from_the_server_config():
     from typing import get_args
 
-    from gen_server.__main__ import AFTER_DASHDASH, DEST, server_settings
+    from gen_server.__main__ import AFTER_DASHDASH, DEST, PIPELINE_ONLY, server_settings
 
     opts = build_parser()._option_string_actions
+    assert "--replicas" not in opts
     for name, f in ServerConfig.model_fields.items():
-        if name in AFTER_DASHDASH:
+        if name in AFTER_DASHDASH | PIPELINE_ONLY:
             continue
         action = opts["--" + DEST.get(name, name).replace("_", "-")]
         assert f.description.split(";")[0] in action.help
@@ -100,3 +101,19 @@ def test_bad_values_are_all_named_at_once_by_the_schema(tiny_model_dir):
                                       "--gpu-memory-utilization", "1.5", "--max-n", "0"])
     assert _validate(args, []) == ["--port must be >= 1, got 0", "--max-model-len must be >= 16, got 8",
                                    "--gpu-memory-utilization must be <= 1.0, got 1.5", "--max-n must be >= 1, got 0"]
+
+
+def test_replica_devices_pin_each_replica_to_its_gpus(monkeypatch):
+    from gen_server.process import replica_devices
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert replica_devices(2, 1, 2) == ["0", "1"]
+    assert replica_devices("auto", 1, 4) == ["0", "1", "2", "3"]
+    assert replica_devices("auto", 2, 4) == ["0,1", "2,3"]
+    with pytest.raises(ValueError, match="needs 2 GPUs; 1 visible"):  # not even one replica of TP 2
+        replica_devices("auto", 2, 1)
+    with pytest.raises(ValueError, match="needs 4 GPUs; 2 visible"):
+        replica_devices(2, 2, 2)
+    assert replica_devices(3, 1, 0) == [None, None, None]  # CPU: embedded servers, nothing to pin
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # a job given GPUs 4 and 6: replicas get those
+    assert replica_devices("auto", 1, 2) == ["4", "6"]

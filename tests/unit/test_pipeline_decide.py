@@ -86,12 +86,14 @@ def test_pairs_command_for_both_runners(tmp_path, base_dir):
     from pipeline.run import pairs_command
 
     cfg, _ = _setup(tmp_path, base_dir)
-    cmd, env = pairs_command(cfg, tmp_path / "config.yaml", 2, "http://127.0.0.1:9", "sekret")
+    cmd, env = pairs_command(cfg, tmp_path / "config.yaml", 2, ["http://127.0.0.1:9"], "sekret")
     assert cmd[:3] == [sys.executable, "-m", "pair_builder"] and "pairs.round=2" in cmd
     assert "pairs.servers=[http://127.0.0.1:9]" in cmd and env == {"GEN_SERVER_API_KEY": "sekret"}
     assert not any("sekret" in c for c in cmd)
     cfg, _ = _setup(tmp_path, base_dir, "pipeline.pairs_runner=ray_job", "pairs.ray_address=http://10.0.0.1:8265")
-    cmd, env = pairs_command(cfg, tmp_path / "config.yaml", 0, "http://127.0.0.1:9", "sekret")
+    two, _ = pairs_command(cfg, tmp_path / "config.yaml", 2, ["http://127.0.0.1:9", "http://127.0.0.1:10"], "k")
+    assert "pairs.servers=[http://127.0.0.1:9,http://127.0.0.1:10]" in two  # one replica each
+    cmd, env = pairs_command(cfg, tmp_path / "config.yaml", 0, ["http://127.0.0.1:9"], "sekret")
     assert cmd[1:5] == ["job", "submit", "--address", "http://10.0.0.1:8265"] and env == {}
     assert not any("sekret" in c for c in cmd)
     runtime_env = tmp_path / cmd[cmd.index("--runtime-env") + 1]
