@@ -71,6 +71,7 @@ MEASURED = {
     "eval_fill": Point(115_677 / (541 * 512), "base-model eval answers fill 42% of max_tokens (run 4)"),
     "pairs_fill": Point(1_030_000 / 2268 / (5 * 384 + 160), "pair requests fill 22% of their token caps (run 4)"),
     "acceptance": Point(241 / 2268, "10.6% of instructions give a checker pair (run 4)"),
+    "replica_scaling": Point(3.88 / 4, "pair_builder over 4 simulated servers: 3.88x (CPU bench)"),
     "pair_bytes": Point(230e3 / 373, "pairs on disk: 0.6 KB a pair, parquet (run 4)"),
     "candidate_bytes": Point(10.8e6 / 2268, "pairs.record_candidates: 4.8 KB an instruction (run 4)"),
     "self_instruct_keep": Point(252 / 256, "252 of 256 self-instruct tasks survive dedupe (run 4)"),
@@ -207,6 +208,10 @@ def plan(cfg: Config, shape: Any, *, rounds: int | None = None, model: str = "")
     tokens = n * ((p.k + p.revisions) * p.max_tokens + p.revisions * p.critique_max_tokens) \
         * MEASURED["pairs_fill"].value
     rate, src = _decode_rate(params, card, eager, "pairs")
+    replicas = cfg.server.replicas if cfg.server.replicas != "auto" else 1
+    if replicas > 1:
+        rate *= replicas * MEASURED["replica_scaling"].value
+        src.append(f"x {replicas} server.replicas at {MEASURED['replica_scaling'].source}")
     kept = n * MEASURED["acceptance"].value
     pairs = min(kept * (1 + p.stop_pairs + p.repair_pairs), p.max_pairs or math.inf)
     pdisk = pairs * MEASURED["pair_bytes"].value + (n * MEASURED["candidate_bytes"].value if p.record_candidates

@@ -98,3 +98,11 @@ def test_run_refuses_a_plan_that_does_not_fit_before_anything_starts(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--config", str(QWEN), *over],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stdout.splitlines()[-1] == "fits: no"
+
+
+def test_replicas_divide_the_pair_building_time():
+    one = {s.name: s for s in plan(load_config(QWEN, ["cost.gpu=h200"]), KNOWN_SHAPES["qwen2.5-32b"]).stages}
+    two = {s.name: s for s in plan(load_config(QWEN, ["cost.gpu=h200", "server.replicas=2"]),
+                                   KNOWN_SHAPES["qwen2.5-32b"]).stages}
+    assert two["pairs"].seconds == pytest.approx(one["pairs"].seconds / (2 * 3.88 / 4))
+    assert two["eval"].seconds == one["eval"].seconds  # the eval runs on the first replica
