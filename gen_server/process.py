@@ -152,12 +152,17 @@ class ServerProcess:
         self.stop()
 
 
+def _cuda_visible() -> list[str] | None:
+    """The device ids ``CUDA_VISIBLE_DEVICES`` lists, or None when it is unset."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if vis is None else [d.strip() for d in vis.split(",") if d.strip() and d.strip() != "-1"]
+
+
 def visible_gpus() -> int:
     """GPUs this process may use: ``CUDA_VISIBLE_DEVICES`` when set, else what ``nvidia-smi -L`` lists (0 when
     there is none). Read without importing torch: the serving side never needs it."""
-    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if vis is not None:
-        return len([d for d in vis.split(",") if d.strip() and d.strip() != "-1"])
+    if (ids := _cuda_visible()) is not None:
+        return len(ids)
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
@@ -175,9 +180,7 @@ def replica_devices(replicas: int | str, tensor_parallel: int, gpus: int) -> lis
     if n * tensor_parallel > gpus:
         raise ValueError(f"server.replicas={replicas} x server.tensor_parallel_size={tensor_parallel} needs "
                          f"{n * tensor_parallel} GPUs; {gpus} visible. Lower server.replicas (or use 'auto')")
-    ids = [str(i) for i in range(gpus)]
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):
-        ids = [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    ids = _cuda_visible() or [str(i) for i in range(gpus)]
     return [",".join(ids[i * tensor_parallel:(i + 1) * tensor_parallel]) for i in range(n)]
 
 
@@ -198,14 +201,12 @@ def start_replicas(server: Any, model: str | os.PathLike[str], log_path: Any, **
         for p in procs:  # launched from this thread (they die with the thread that starts them), then
             p.launch()   # waited for together: N replicas load in the time of one
         with ThreadPoolExecutor(len(procs)) as pool:
-            futures = [pool.submit(p._wait_healthy) for p in procs]
-            errors = [f.exception() for f in futures]
+            errors = [f.exception() for f in [pool.submit(p._wait_healthy) for p in procs]]
+        if failed := [e for e in errors if e is not None]:
+            raise failed[0]
     except BaseException:
         stop_all(procs)
         raise
-    if failed := [e for e in errors if e is not None]:
-        stop_all(procs)
-        raise failed[0]
     return procs
 
 

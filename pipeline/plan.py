@@ -194,9 +194,9 @@ def plan(cfg: Config, shape: Any, *, rounds: int | None = None, model: str = "")
     if ev.suite == "ifeval":
         prompts = 541
     else:
-        from shared.tasks import load_tasks, split_of
+        from eval.constraints import own_suite
 
-        prompts = 2 * sum(split_of(t["id"]) == "heldout" for t in load_tasks())  # eval's own suite: 2 draws a task
+        prompts = len(own_suite())  # what `eval` scores for suite own
     prompts = min(prompts, ev.limit or prompts)
     tokens = prompts * ev.max_tokens * MEASURED["eval_fill"].value
     rate, src = _decode_rate(params, card, eager, "eval")

@@ -88,9 +88,7 @@ class ServerConfig(Section):
     @field_validator("replicas")
     @classmethod
     def _one_or_more(cls, v: Any) -> Any:
-        if v != "auto" and v < 1:
-            raise ValueError(f"must be a count >= 1 or 'auto' (one per GPU), got {v}")
-        return v
+        return _count_or_auto(v, "one per GPU")
 
 
 class ClientConfig(Section):
@@ -99,6 +97,13 @@ class ClientConfig(Section):
     stall_timeout_s: float = Field(600.0, gt=0, description="Eval and pair building stop with an error naming the "
                                    "server when no response has arrived for this long while requests are in flight "
                                    "(a stalled or dead server), instead of retrying each request max_retries times.")
+
+
+def _count_or_auto(v: Any, auto_means: str) -> Any:
+    """A field's ``int | "auto"`` value, refused (with what ``auto`` would do) when the int is below 1."""
+    if v != "auto" and v < 1:
+        raise ValueError(f"must be a count >= 1 or 'auto' ({auto_means}), got {v}")
+    return v
 
 
 class CostConfig(Section):
@@ -267,9 +272,7 @@ class TrainConfig(Section):
     @field_validator("save_steps")
     @classmethod
     def _positive_or_auto(cls, v: Any) -> Any:
-        if v != "auto" and v < 1:
-            raise ValueError(f"must be a step count >= 1 or 'auto' (a quarter of the round's steps), got {v}")
-        return v
+        return _count_or_auto(v, "a quarter of the round's steps")
 
     @field_validator("loss_type", mode="before")
     @classmethod
