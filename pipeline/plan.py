@@ -91,9 +91,6 @@ class Stage:
     disk_gib: float
     sources: list[str] = field(default_factory=list)
 
-    def usd(self, usd_per_hour: float) -> float:
-        return self.seconds / 3600.0 * usd_per_hour
-
 
 @dataclass
 class Plan:
@@ -122,12 +119,6 @@ class Plan:
     @property
     def fits(self) -> bool:
         return not self.problems
-
-
-def _params(shape: Any) -> float:
-    dims = shape.module_dims()
-    return shape.layers * sum(i * o for i, o in dims.values()) + shape.vocab * shape.hidden * (
-        1 if shape.tied_embeddings else 2)
 
 
 def _instructions(cfg: Config) -> int:
@@ -170,7 +161,7 @@ def plan(cfg: Config, shape: Any, *, rounds: int | None = None, model: str = "")
 
     card = CARDS.get(cfg.cost.gpu) if cfg.cost.gpu else None
     rounds = rounds or cfg.pipeline.rounds
-    params = _params(shape)
+    params = shape.params
     eager = "--enforce-eager" in cfg.server.extra_args
     serve_bytes = params * (4 if cfg.server.dtype == "float32" else 1 if cfg.server.quantization == "fp8" else 2)
     disk = MEASURED["disk_gb_s"]

@@ -63,6 +63,21 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.attention_head_dim or self.hidden // self.heads
 
+    @property
+    def linear_params(self) -> int:
+        """Weights of the decoder layers' projections (what 4-bit quantizes)."""
+        return self.layers * sum(i * o for i, o in self.module_dims().values())
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embeddings, plus the LM head when it is not tied to them."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        """Parameters, norms left out."""
+        return self.linear_params + self.embedding_params
+
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one decoder layer."""
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
@@ -95,9 +110,7 @@ def estimate(shape: ModelShape, *, batch: int, seq_len: int, lora_r: int, target
              backend: str = "unsloth") -> dict[str, float]:
     """Every term of the peak, in GiB, plus ``peak_gib``."""
     dims = shape.module_dims()
-    linear = shape.layers * sum(i * o for i, o in dims.values())
-    embed = shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
-    weight_bytes = linear * (NF4_BITS / 8 if bits == 4 else bits / 8) + embed * 2
+    weight_bytes = shape.linear_params * (NF4_BITS / 8 if bits == 4 else bits / 8) + shape.embedding_params * 2
 
     lora_params = shape.layers * sum(lora_r * (i + o) for m, (i, o) in dims.items() if m in target_modules)
     adapter_bytes = 2 if bits == 4 else 4
