@@ -132,14 +132,13 @@ def arm_pairs(pairs_dir: Path, source: str, pairs=None) -> tuple[list[dict], lis
                                         incidental_weight=pairs.incidental_habit_weight)
         elif mod == "rep":
             from pair_builder.audit import replay_extras
-            from pair_builder.extras import REPAIR
             from shared.config import EvalConfig
 
             pairs = pairs or PairsConfig()
             got = replay_extras(pairs_dir, habit_contrast=0.0, stop_pairs=0.0, records=True,
                                 repair_pairs=pairs.repair_pairs or 0.5, no_repair=list(EvalConfig().heldout_types))
             extras += [{k: v for k, v in r.items() if not k.startswith("ref_")}
-                       for r in got["records"] if r["principle_id"] == REPAIR]
+                       for r in got["records"] if r["principle_id"] == REPAIR_KIND]
         else:
             raise ValueError(f"unknown modifier +{mod}: noecho, stopF, nostop, nocontrast, ctr, rep, norep, repin")
     if arm == "checker":
