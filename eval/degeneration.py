@@ -40,6 +40,9 @@ HABITS: dict[str, str] = {
     "long": f"answers past the length limit (words), prompts without any {LENGTH_PREFIX}*",
     "format": "answers with a format mark the prompt did not ask for: a P.S. line, a *** or ****** divider, "
               "SECTION/PART n headers, or the whole answer as JSON (format repairs must not teach them everywhere)",
+    "fewshot": "answers that talk about the prompt template's few-shot examples instead of the prompt: at least "
+               "2 of the examples' rare words that the prompt does not contain ('The haiku is a short poem about "
+               "autumn rain.' for a question on taxes)",
 }
 
 
@@ -226,6 +229,36 @@ def copied_share(text: str, prompt: str, keep: Any = (), span: int = ECHO_SPAN) 
     return sum(covered) / len(t)
 
 
+# The few-shot habit (:func:`mentions_fewshot`): a word of the template's examples is "rare" when fewer than this
+# share of the prompts at hand contain it, and an answer talks about the examples when it has this many rare words
+# its prompt lacks. On the fifth GPU run's evals (docs/runs/base-gpu/run-5) the rates by round were 1.3%, 7.6%,
+# 22.7%, 52.3% at 5% (1.3%, 7.0%, 22%, 51% at 2%); one word alone caught common ones ("while", "long").
+FEWSHOT_MAX_DF = 0.05
+FEWSHOT_MIN_WORDS = 2
+FEWSHOT_MIN_LETTERS = 4
+
+
+def fewshot_words(examples: Sequence[str], prompts: Sequence[str], max_df: float = FEWSHOT_MAX_DF) -> frozenset[str]:
+    """The rare words of few-shot ``examples`` (their queries and answers): words of at least
+    :data:`FEWSHOT_MIN_LETTERS` letters that fewer than ``max_df`` of ``prompts`` contain ("haiku", "autumn",
+    "canberra" for the base template; not "write" or "about"). ``prompts``: the prompts being answered (an eval
+    suite, a round's instructions), so the words are rare where they are judged."""
+    cand = {w for t in examples for w in words(t) if len(w) >= FEWSHOT_MIN_LETTERS and w.isalpha()}
+    if not cand:
+        return frozenset()
+    df = Counter(w for p in prompts for w in cand & set(words(p)))
+    return frozenset(w for w in cand if df[w] < max_df * max(len(prompts), 1))
+
+
+def mentions_fewshot(text: str, prompt: str, rare: frozenset[str] | set[str]) -> bool:
+    """Whether ``text`` talks about the few-shot examples: it has at least :data:`FEWSHOT_MIN_WORDS` distinct
+    ``rare`` words (:func:`fewshot_words`) that ``prompt`` does not contain. DPO rounds on gemma3-270m grew this
+    from 1% of IFEval answers to half of them in three rounds while the clean score still rose."""
+    if not rare:
+        return False
+    return len((set(words(text)) & rare) - set(words(prompt))) >= FEWSHOT_MIN_WORDS
+
+
 def is_echo(text: str, prompt: str, keep: Any = ()) -> bool:
     """Whether ``text`` restates its prompt: at least :data:`ECHO_SHARE` of its words are copied from it in runs
     of :data:`ECHO_SPAN` (:func:`copied_share`). A base model answers a quarter of IFEval's prompts this way
@@ -257,6 +290,7 @@ def profile(text: str, instruction_ids: Sequence[str], finish_reason: str | None
         "no_comma": "," not in text if n > COMMA_MIN_WORDS and NO_COMMA_ID not in ids else None,
         "long": n > long_words if not any(i.startswith(LENGTH_PREFIX) for i in ids) else None,
         "format": any(bool(mark(text)) for fid, mark in FORMAT_MARKS.items() if fid not in ids) if n else None,
+        "fewshot": None,  # needs the prompt and the template: the caller sets it (mentions_fewshot)
     }
 
 
@@ -309,4 +343,5 @@ def flat(block: dict[str, Any]) -> dict[str, float | None]:
                                  "words_p90", "words_mean")}
     out["echo_rate"] = block.get("echo_rate")
     out.update({f"{h}_rate": v["rate"] for h, v in block["habits"].items()})
+    out.update({f"{h}_rate": None for h in HABITS if h not in block["habits"]})  # evals from before a habit
     return out

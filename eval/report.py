@@ -80,7 +80,7 @@ def _profiles(results: Sequence[dict[str, Any]], long_words: int) -> list[dict[s
     if not results or any(not isinstance(r.get("response"), str) for r in results):
         return None
     return [{**dg.profile(r["response"], r["instruction_id_list"], r.get("finish_reason"), long_words=long_words),
-             "echo": r.get("echo")} for r in results]
+             "echo": r.get("echo"), "fewshot": r.get("fewshot")} for r in results]
 
 
 def degeneration_of(results: Sequence[dict[str, Any]], long_words: int = dg.DEFAULT_LONG_WORDS

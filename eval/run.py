@@ -246,11 +246,13 @@ def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, st
     four accuracies, the degeneration block, the held-out types). With the base ``template``, an answer ends
     where the model starts another turn, as in pair building: one that ran on into an invented "# Question:"
     is scored without it, and counts as finished (the model did end it). An answer is degenerate when it hit
-    the token limit, loops, or restates its prompt (:func:`eval.degeneration.is_echo`)."""
+    the token limit, loops, or restates its prompt (:func:`eval.degeneration.is_echo`). With a template, each row
+    also records whether the answer talks about its few-shot examples (``fewshot``, a habit)."""
     from eval import ifeval
-    from eval.degeneration import is_echo, is_looping
+    from eval.degeneration import fewshot_words, is_echo, is_looping, mentions_fewshot
     from eval.report import clean_scores, degeneration_of, heldout_scores
 
+    rare = fewshot_words(template.example_texts(), [it["prompt"] for it in items]) if template else None
     results = []
     for it, (response, finish) in zip(items, raw, strict=True):
         cut = False
@@ -260,7 +262,8 @@ def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, st
         r = ifeval.score_response(it, response)
         echo = is_echo(response, it["prompt"], it.get("kwargs"))
         r.update(finish_reason=finish, response=response, cut_at_new_turn=cut, echo=echo,
-                 degenerate=finish == "length" or is_looping(response) or echo)
+                 degenerate=finish == "length" or is_looping(response) or echo,
+                 fewshot=None if rare is None else mentions_fewshot(response, it["prompt"], rare))
         if it.get("task_id"):  # the own suite's seed task: compare resamples whole tasks
             r["task_id"] = it["task_id"]
         results.append(r)

@@ -30,6 +30,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from eval.degeneration import fewshot_words
 from pair_builder.actors import Job, init_ray, run_jobs, start_workers
 from pair_builder.build import BuildSettings, item_id, principle_for
 from pair_builder.extras import extras_summary, select_extras, write_extras
@@ -214,12 +215,15 @@ def run(cfg: Config) -> int:
             if not instructions:
                 raise ConfigError(["no instructions left after dedupe; check pairs.sources and the input files"],
                                   "pairs config")
+            # the example words that are rare among this round's instructions (few-shot talk, verify.scaffolding_problem)
+            rare = sorted(fewshot_words(checked.template.example_texts(), [i.text for i in instructions])
+                          ) if p.rule_out_fewshot else []
             jobs = []
             for ins in instructions:
                 pr = principle_for(ins, checked.constitution, p.seed)
                 iid = item_id(ins, pr.id, settings, checked.template)
                 if not writer.is_done(iid):
-                    jobs.append(Job("build", (ins.to_json(), pr.id), iid))
+                    jobs.append(Job("build", (ins.to_json(), pr.id, rare), iid))
             log.info("%d instructions, %d to do", len(instructions), len(jobs))
             budget = cfg.cost.budget_usd
             spent_before = RunDir.from_config(cfg).spent_usd()  # every round's: the budget covers the whole run
@@ -254,6 +258,7 @@ def run(cfg: Config) -> int:
             "template_sha256": checked.template.sha256, "sampling": settings.sampling.as_dict(),
             "no_constraint_rule": p.no_constraint_rule, "ref_logprobs": p.ref_logprobs,
             "filters": {"pair_rule": p.pair_rule, "copy_span": p.copy_span, "rule_out_looping": p.rule_out_looping,
+                        "rule_out_fewshot": p.rule_out_fewshot,
                         "min_task_overlap": p.min_task_overlap, "min_pmi": p.min_pmi,
                         "max_edit_distance": p.max_edit_distance, "drop_unrequested_habits": p.drop_unrequested_habits},
             "extras": extras_summary(entries, records, extras, habit_contrast=p.habit_contrast,

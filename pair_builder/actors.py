@@ -65,9 +65,11 @@ class PairWorker:
         self.settings, self.template, self.constitution = settings, template, constitution
         self.examples = example_index(settings, template, constitution)
 
-    def build(self, instruction: dict[str, Any], principle_id: str) -> dict[str, Any]:
+    def build(self, instruction: dict[str, Any], principle_id: str, fewshot: list[str] = ()) -> dict[str, Any]:
+        """``fewshot``: the template's rare example words for this round (verify.ExampleIndex.with_fewshot)."""
+        examples = self.examples.with_fewshot(fewshot) if self.examples is not None and fewshot else self.examples
         result = build_item(self.client, Instruction.from_json(instruction), self.constitution.get(principle_id),
-                            settings=self.settings, template=self.template, examples=self.examples)
+                            settings=self.settings, template=self.template, examples=examples)
         result["server"] = self.base_url
         return result
 

@@ -27,6 +27,7 @@ Every rejection returns a reason from :data:`DROP_REASONS`, so a run's drops alw
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from typing import Any, Literal
 
 from rapidfuzz.distance import Levenshtein
 
-from eval.degeneration import is_looping, ngrams, profile, strings_in, words
+from eval.degeneration import is_looping, mentions_fewshot, ngrams, profile, strings_in, words
 from eval.ifeval import check
 from pair_builder.sample import Candidate
 from shared.records import Constraint
@@ -45,7 +46,7 @@ PairRule = Literal["dominance", "count"]
 
 # Candidate-level problems (the candidate is not used) and item-level drop reasons (no pair kept).
 CANDIDATE_PROBLEMS = ("empty", "truncated", "query_echo", "preamble", "critique_leak", "copies_example",
-                      "echoes_instruction", "looping")
+                      "mentions_fewshot", "echoes_instruction", "looping")
 DROP_REASONS = (
     "no_valid_candidates", "no_margin", "not_dominant", "irrelevant", "no_constraints", "no_critique_support",
     "identical", "too_short", "too_long", "length_ratio", "too_similar", "too_different", "unrequested_habit", "bad_request", "invalid_response",
@@ -66,8 +67,9 @@ class ExampleIndex:
     to every kind of question). Word runs the instruction itself contains don't count.
     """
 
-    def __init__(self, texts: list[str], span: int = COPY_SPAN) -> None:
+    def __init__(self, texts: list[str], span: int = COPY_SPAN, fewshot: Sequence[str] = ()) -> None:
         self.span = span
+        self.fewshot = frozenset(fewshot)  # rare words of the template's examples (eval.degeneration.fewshot_words)
         self.texts = [t for t in texts if t.strip()]
         self._grams = {g for t in self.texts for g in ngrams(words(t), span)}
         self._whole = {tuple(w) for t in self.texts if MIN_WHOLE <= len(w := words(t)) < span}
@@ -91,6 +93,17 @@ class ExampleIndex:
             grams = {n: (ngrams(toks, n), ngrams(ins, n)) for n in {len(w) for w in self._whole}}
             return any(w in grams[len(w)][0] and w not in grams[len(w)][1] for w in self._whole)
         return False
+
+    def with_fewshot(self, rare: Sequence[str]) -> ExampleIndex:
+        """This index, also ruling out answers that talk about the few-shot examples: at least two of ``rare``
+        (the examples' words rare among the round's instructions) that the instruction lacks."""
+        out = copy.copy(self)
+        out.fewshot = frozenset(rare)
+        return out
+
+    def mentions(self, text: str, instruction: str = "") -> bool:
+        """Whether ``text`` talks about the few-shot examples (:func:`eval.degeneration.mentions_fewshot`)."""
+        return mentions_fewshot(text, instruction, self.fewshot)
 
     def longest_span(self, text: str) -> int:
         """The longest run of words ``text`` shares with any one example (what COPY_SPAN was chosen on)."""
@@ -179,6 +192,8 @@ def scaffolding_problem(c: Candidate, examples: ExampleIndex | None = None, inst
         return "critique_leak"
     if examples is not None and examples.copies(c.text, instruction):
         return "copies_example"
+    if examples is not None and examples.mentions(c.text, instruction):
+        return "mentions_fewshot"
     if echo and restates(c.text, echo):
         return "echoes_instruction"
     if looping and is_looping(c.text):

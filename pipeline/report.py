@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from eval.report import metric_parts, pooled
+from eval.report import RATE_MEASURES, metric_parts, pooled
 from pipeline.state import RunState
 from shared.atomic import atomic_write_text
 from shared.config import Config, dump_config
@@ -71,8 +71,7 @@ def _scores_plot(rounds: list[tuple[int, dict[str, Any], tuple[float, float] | N
     return out
 
 
-RATE_COLS = ("truncation_rate", "loop_rate", "echo_rate", "lowercase_rate", "uppercase_rate", "no_comma_rate",
-             "long_rate", "format_rate")
+RATE_COLS = RATE_MEASURES  # truncation, loops, echoes, then every habit of eval.degeneration.HABITS
 
 
 def _degeneration_plot(rows: list[tuple[int, dict[str, Any]]], out: Path) -> Path:
@@ -84,7 +83,7 @@ def _degeneration_plot(rows: list[tuple[int, dict[str, Any]]], out: Path) -> Pat
     ks = [k for k, _ in rows]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     for m in RATE_COLS:
-        vals = [f[m] for _, f in rows]
+        vals = [f.get(m) for _, f in rows]
         if any(v is not None for v in vals):
             ax.plot(ks, [float("nan") if v is None else v for v in vals], marker="o", label=m.removesuffix("_rate"))
     ax.set_ylim(0, 1)
@@ -113,7 +112,7 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
     """Degeneration, guards, held-out types and IFEval by instruction type, per round."""
-    from eval.degeneration import flat
+    from eval.degeneration import HABITS, flat
     from pipeline.run import _measures, guard_failures
 
     get = _measures(cfg, rd)
@@ -126,20 +125,20 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
             fails = guard_failures(cfg, rd, k, get) if k in ks else []
             verdict = "baseline" if k == 0 else ("off" if not g.enabled else
                                                  "pass" if not fails else "FAIL: " + "; ".join(fails))
-            rows.append([str(k), *(_fmt(f[m]) for m in RATE_COLS), _fmt(f["distinct_1"]), _fmt(f["distinct_2"]),
+            rows.append([str(k), *(_fmt(f.get(m)) for m in RATE_COLS), _fmt(f["distinct_1"]), _fmt(f["distinct_2"]),
                          f"{f['words_median']:.0f} / {f['words_p90']:.0f} / {f['words_mean']:.0f}", verdict])
         blocks += [
             ("h2", "Degeneration by round"),
             ("p", f"Habits count only answers to prompts that did not ask for them (lowercase, uppercase: at least "
                   f"a few letters; no_comma: answers over 20 words; long: over {cfg.eval.long_answer_words} words, "
                   f"prompts without a length instruction; format: a P.S., a divider, section headers or a JSON "
-                  f"answer the prompt did not ask for). Round k>0 is promoted only if its gate metric rose and "
+                  f"answer the prompt did not ask for; fewshot: answers that talk about the prompt template's "
+                  f"examples instead of the prompt). Round k>0 is promoted only if its gate metric rose and "
                   f"its guards pass: truncation +{g.max_truncation_rise}, loops +{g.max_loop_rise}, each habit "
                   f"+{g.max_habit_rise} over round 0, median length within {g.max_length_ratio}x of round 0's (either way), held-out "
                   f"score not significantly below round 0's or the previous round's by more than {g.heldout_tolerance}."),
-            ("table", (["round", "truncated", "looping", "echoing", "lowercase", "uppercase", "no comma", "long",
-                        "format", "distinct-1",
-                        "distinct-2", "words median / p90 / mean", "guards"], rows)),
+            ("table", (["round", "truncated", "looping", "echoing", *(h.replace("_", " ") for h in HABITS),
+                        "distinct-1", "distinct-2", "words median / p90 / mean", "guards"], rows)),
             ("img", _degeneration_plot(deg, rd.path / "degeneration_by_round.png"))]
     held = [(k, get(k)["heldout"]) for k in ks if get(k)["heldout"]]
     if held and any(h["n_instructions"] for _, h in held):

@@ -142,7 +142,7 @@ def guard_failures(cfg: Config, rd: RunDir, k: int, measures: Any = None) -> lis
                   ("loop_rate", g.max_loop_rise, "max_loop_rise"),
                   *((f"{h}_rate", g.max_habit_rise, "max_habit_rise") for h in HABITS)]
         for m, bound, name in bounds:
-            a, b = f0[m], fk[m]
+            a, b = f0.get(m), fk.get(m)
             if a is not None and b is not None and b - a > bound + 1e-9:
                 fails.append(f"{m} {b:.3f} vs {a:.3f} in round 0 ({b - a:+.3f} > pipeline.guards.{name}={bound})")
         a, b = f0["words_median"], fk["words_median"]

@@ -362,6 +362,10 @@ class PairsConfig(Section):
     copy_span: int = Field(8, ge=0, description="Rule out a candidate sharing this many consecutive words with a "
                            "few-shot example answer of the template or a principle (or all of a shorter one); 0 = off.")
     rule_out_looping: bool = Field(True, description="Rule out candidates eval.degeneration.is_looping calls looping.")
+    rule_out_fewshot: bool = Field(True, description="Rule out candidates that talk about the template's few-shot "
+                                   "examples instead of their instruction (eval.degeneration.mentions_fewshot, the "
+                                   "round's instructions judge which example words are rare): DPO rounds on a "
+                                   "270M base model taught it to half of its answers (docs/training.md).")
     drop_unrequested_habits: bool = Field(True, description="Drop a pair whose chosen answer is all-lowercase or "
                                           "all-uppercase when its instruction did not ask for it (and rejected is "
                                           "not): such pairs teach the habit everywhere (measured on gemma3-270m: "

@@ -40,6 +40,11 @@ class BaseTemplate(BaseModel):
         """Identifies the template in pair ids and dataset cards: any edit changes it."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
+    def example_texts(self) -> list[str]:
+        """Every few-shot query and answer: what a model may come to talk about instead of its prompt
+        (:func:`eval.degeneration.fewshot_words`)."""
+        return [t for e in self.examples for t in (e.query, e.answer)]
+
     def _turn(self, query: str, answer: str | None) -> str:
         head = f"{self.query_prefix}{query.strip()}\n\n{self.answer_prefix}"
         return head if answer is None else head + answer.strip()

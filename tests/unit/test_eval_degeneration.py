@@ -195,3 +195,54 @@ def test_what_the_prompt_asks_the_answer_to_contain_is_not_an_echo():
 ])
 def test_the_format_habit_counts_format_marks_the_prompt_did_not_ask_for(text, asked, shows):
     assert profile(text, asked)["format"] is shows
+
+
+# --- few-shot talk: answers about the template's examples instead of the prompt --------------------------------
+
+def _fewshot_rows():
+    import json
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parent.parent / "assets" / "fewshot_answers.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()]
+
+
+def test_fewshot_words_are_the_examples_rare_words():
+    from eval.degeneration import fewshot_words
+    from eval.ifeval import load_ifeval_prompts
+    from shared.prompting import load_template
+
+    rare = fewshot_words(load_template().example_texts(), [it["prompt"] for it in load_ifeval_prompts()])
+    assert {"haiku", "autumn", "gutter", "canberra", "australia"} <= rare
+    assert not {"write", "about", "your", "with", "the"} & rare  # common in prompts, or too short
+    # what is rare depends on the prompts at hand: among prompts about haiku, "haiku" is not
+    assert "haiku" not in fewshot_words(["Write a haiku about autumn rain."], ["Write a haiku", "A haiku on snow"])
+    assert fewshot_words([], ["anything"]) == frozenset()
+
+
+def test_mentions_fewshot_on_recorded_gemma_answers():
+    """Real IFEval answers of gemma3-270m's DPO rounds (docs/runs/base-gpu/run-5), labelled by reading them. The
+    rule misses what `note` says (one rare word alone; two common words the prompts rarely use)."""
+    from eval.degeneration import fewshot_words, mentions_fewshot
+    from eval.ifeval import load_ifeval_prompts
+    from shared.prompting import load_template
+
+    rare = fewshot_words(load_template().example_texts(), [it["prompt"] for it in load_ifeval_prompts()])
+    rows = _fewshot_rows()
+    assert len(rows) >= 20 and sum(r["expect"] for r in rows) >= 10
+    for r in rows:
+        got = mentions_fewshot(r["response"], r["prompt"], rare)
+        assert (got == r["expect"]) != ("note" in r), (r["source"], r["response"][:80])
+    # an answer about a haiku is fine when the prompt asks for one
+    asked = [r for r in rows if "haiku" in r["prompt"].lower() and "haiku" in r["response"].lower()]
+    assert asked and not any(mentions_fewshot(r["response"], r["prompt"], rare) for r in asked)
+    assert not mentions_fewshot("The haiku is a short poem about autumn rain.", "Explain taxes.", frozenset())
+
+
+def test_profile_leaves_fewshot_to_the_caller_and_summarize_rates_it():
+    p = profile("The haiku is a short poem about autumn rain.", [])
+    assert p["fewshot"] is None
+    profs = [{**p, "fewshot": f} for f in (True, False, False, None)]
+    block = summarize(["x"] * 4, profs)
+    assert block["habits"]["fewshot"] == {"rate": 1 / 3, "n": 3}
+    assert flat({**block, "habits": {k: v for k, v in block["habits"].items() if k != "fewshot"}})["fewshot_rate"] is None

@@ -119,6 +119,22 @@ def test_an_echo_is_degenerate_and_counted_in_its_own_rate():
     assert [r["degenerate"] for r in rows] == [True, False]
     assert scores["prompt_loose"] == 1.0 and scores["prompt_loose_clean"] == 0.5
     assert scores["degeneration"]["echo_rate"] == 0.5
+    assert [r["fewshot"] for r in rows] == [None, None]  # no template, no few-shot examples to talk about
+
+
+def test_score_responses_records_fewshot_talk_with_the_template():
+    from eval.run import score_responses
+    from shared.prompting import load_template
+
+    items = [{"key": i, "prompt": p, "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]} for i, p in
+             enumerate(["Explain how taxes work. Do not use commas.", "Write a haiku about autumn rain. No commas."]
+                       + [f"Describe city number {i} in one paragraph. No commas." for i in range(40)])]
+    talk = "The haiku is a short poem about autumn rain and the gutter sings all night long."
+    asked = "Autumn rain falls soft\ngrey puddles hold the haiku\nthe city sleeps on"
+    raw = [(talk, "stop"), (asked, "stop")] + [("A quiet city by a river with old bridges.", "stop")] * 40
+    rows, scores = score_responses(items, raw, load_template(), heldout_types=[])
+    assert [r["fewshot"] for r in rows[:3]] == [True, False, False]  # the second prompt asks for that haiku
+    assert scores["degeneration"]["habits"]["fewshot"]["rate"] == 1 / 42
 
 
 def test_config_settings_is_the_one_config_to_run_eval_mapping():

@@ -315,3 +315,22 @@ def test_chosen_with_an_unrequested_case_habit_is_dropped(ids, chosen, rejected)
     kept = choose(cands, has_constraints=True, constraint_ids=ids, bands=Bands(max_edit_distance=1.0),
                   drop_unrequested_habits=False)
     assert kept.kept and kept.chosen == 0
+
+
+def test_a_candidate_that_talks_about_the_fewshot_examples_is_ruled_out():
+    """Recorded gemma3-270m answers that talk about the template's haiku / Canberra examples
+    (tests/assets/fewshot_answers.jsonl): ruled out once the round's rare example words are known, and only then."""
+    from eval.degeneration import fewshot_words
+
+    rows = [json.loads(x) for x in (ASSETS / "fewshot_answers.jsonl").read_text().splitlines()]
+    rare = fewshot_words(TEMPLATE.example_texts(), [r["prompt"] for r in rows] * 3 + ["Explain taxes."] * 200)
+    idx = EXAMPLES.with_fewshot(rare)
+    for r in rows:
+        c = Candidate(text=r["response"], route="sample", finish_reason="stop")
+        problem = scaffolding_problem(c, idx, r["prompt"], looping=False)
+        if r["expect"] and "note" not in r:
+            assert problem in ("mentions_fewshot", "copies_example"), r["source"]
+        if not r["expect"] and "note" not in r:
+            assert problem != "mentions_fewshot", r["source"]
+        assert scaffolding_problem(c, EXAMPLES, r["prompt"], looping=False) != "mentions_fewshot"
+    assert idx.fewshot == rare and EXAMPLES.fewshot == frozenset()  # with_fewshot copies; the shared index stays

@@ -118,9 +118,10 @@ LOOP = "Ideas for a party:\n" + "* ice cube in the shape of a shaker\n" * 40
 HELD = "startend:quotation"  # one of the default held-out types
 
 
-def _guarded_eval(rd, k, score, *, heldout=0.5, trunc=0.0, loop=0.0, lower=0.0, text=ESSAY):
+def _guarded_eval(rd, k, score, *, heldout=0.5, trunc=0.0, loop=0.0, lower=0.0, text=ESSAY, fewshot=None):
     """100 prompts: each asks keywords:existence (followed by the first `score` share); every 4th also asks a
-    held-out type (followed by the first `heldout` share of those). Response habits by share of prompts."""
+    held-out type (followed by the first `heldout` share of those). Response habits by share of prompts;
+    ``fewshot`` None: rows without the field (an eval from before the habit was recorded)."""
     rows = []
     for i in range(100):
         ids, follow = ["keywords:existence"], [i < score * 100]
@@ -135,6 +136,8 @@ def _guarded_eval(rd, k, score, *, heldout=0.5, trunc=0.0, loop=0.0, lower=0.0, 
         rows.append({"key": f"k{i}", "instruction_id_list": ids, "follow_strict": follow, "follow_loose": follow,
                      "prompt_strict": all(follow), "prompt_loose": all(follow),
                      "finish_reason": "length" if i < trunc * 100 else "stop", "response": resp})
+        if fewshot is not None:
+            rows[-1]["fewshot"] = 20 <= i < 20 + fewshot * 100
     d = rd.round(k).eval
     d.mkdir(parents=True)
     (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -159,6 +162,8 @@ def test_guards_pass_a_healthy_gain(tmp_path, base_dir):
     ({"loop": 0.05}, ["loop_rate 0.050 vs 0.000 in round 0", "max_loop_rise=0.02"], "pipeline.guards.max_loop_rise=0.1"),
     ({"lower": 0.3}, ["lowercase_rate 0.300 vs 0.000 in round 0", "max_habit_rise=0.1"],
      "pipeline.guards.max_habit_rise=0.4"),
+    ({"fewshot": 0.3}, ["fewshot_rate 0.300 vs 0.000 in round 0", "max_habit_rise=0.1"],
+     "pipeline.guards.max_habit_rise=0.4"),
     ({"text": LONG}, ["words_median 173 vs 70 in round 0 (2.5x > pipeline.guards.max_length_ratio=2.0)"],
      "pipeline.guards.max_length_ratio=2.5"),
     ({"text": "Tides rise and fall twice a day."}, ["words_median 7 vs 70 in round 0 (1/10.0x < "
@@ -169,7 +174,7 @@ def test_guards_pass_a_healthy_gain(tmp_path, base_dir):
 ])
 def test_each_guard_refuses_promotion_and_names_the_numbers(tmp_path, base_dir, kwargs, names, relax):
     cfg, rd = _setup(tmp_path, base_dir)
-    _guarded_eval(rd, 0, 0.2, heldout=0.52)
+    _guarded_eval(rd, 0, 0.2, heldout=0.52, fewshot=0.0 if "fewshot" in kwargs else None)
     _guarded_eval(rd, 1, 0.6, **{"heldout": 0.52, **kwargs})
     reason, promoted = decide(cfg, rd, 1)
     assert reason.startswith("guard failed: round 1 (prompt_loose 0.5") and "over round 0) is not promoted: " in reason
@@ -179,6 +184,14 @@ def test_each_guard_refuses_promotion_and_names_the_numbers(tmp_path, base_dir, 
     cfg, rd = _setup(tmp_path, base_dir, relax)
     assert decide(cfg, rd, 1) is None
     cfg, rd = _setup(tmp_path, base_dir, "pipeline.guards.enabled=false")
+    assert decide(cfg, rd, 1) is None
+
+
+def test_a_habit_round_0_did_not_record_is_skipped_not_an_error(tmp_path, base_dir):
+    # round 0 scored before the few-shot habit existed (no `fewshot` in its rows): nothing to compare with
+    cfg, rd = _setup(tmp_path, base_dir)
+    _guarded_eval(rd, 0, 0.2)
+    _guarded_eval(rd, 1, 0.6, fewshot=0.3)
     assert decide(cfg, rd, 1) is None
 
 
