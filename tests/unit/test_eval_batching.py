@@ -217,3 +217,13 @@ def test_a_cache_without_responses_takes_new_settings(tmp_path):
     cache.flush()
     with pytest.raises(EvalError, match="holds responses of another eval"):
         ResponseCache(tmp_path, {"max_tokens": 128})
+
+
+def test_cli_servers_repeat_or_comma_list():
+    from eval.__main__ import _servers
+    from eval.run import _server_urls
+
+    assert _servers(["http://a:1,http://b:2", " http://c:3 "]) == ["http://a:1", "http://b:2", "http://c:3"]
+    assert _server_urls("http://a:1/v1", ["http://a:1", "http://b:2/"]) == ["http://a:1", "http://b:2"]
+    with pytest.raises(EvalError, match="no server"):
+        _server_urls(None, [])
