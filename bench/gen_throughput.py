@@ -55,7 +55,7 @@ def through_server(model: str, backend: str, passes: list[tuple[int, list[dict]]
             with tempfile.TemporaryDirectory() as tmp:
                 cache = ResponseCache(Path(tmp), {"bench": True})
                 t0 = time.perf_counter()
-                asyncio.run(_fetch_all(items, reqs, cache, base_url=srv.base_url, api_key=srv.api_key,
+                asyncio.run(_fetch_all(items, reqs, cache, base_urls=[srv.base_url], api_key=srv.api_key,
                                        concurrency=concurrency, timeout=600, max_retries=2, prompts_per_request=ppr))
                 wall = time.perf_counter() - t0
                 out.append((ppr, wall, sum(e["completion_tokens"] for e in cache.entries.values())))

@@ -1,6 +1,7 @@
 """Instruction-following eval of whatever a generation server serves.
 
     python -m eval --server http://127.0.0.1:8000 --api-key K --suite own --out runs/x/eval [--gate 0.95]
+    python -m eval --server http://127.0.0.1:8000,http://127.0.0.1:8001 ...   # spread over replicas
     python -m eval --config configs/demo-cpu.yaml [eval.limit=20 ...] [--round 1]
     python -m eval compare runs/x/round-0/eval runs/x/round-1/eval
 
@@ -51,6 +52,11 @@ def _given(flag: Any, default: Any) -> Any:
     return default if flag is None else flag
 
 
+def _servers(flags: list[str] | None) -> list[str]:
+    """The URLs of every ``--server`` (each one URL or a comma list)."""
+    return [u.strip() for f in flags or [] for u in f.split(",") if u.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(ap)
-    ap.add_argument("--server", help="server URL (default: the config's server.host/port)")
+    ap.add_argument("--server", action="append", help="server URL (default: the config's server.host/port); "
+                    "several replicas of one model: repeat it or give a comma list, and the eval spreads over them")
     ap.add_argument("--model", help="served model name (default: the first the server lists)")
     ap.add_argument("--api-key", default=None, help="default: $GEN_SERVER_API_KEY, else the config's server.api_key")
     ap.add_argument("--suite", help="ifeval | own | hub[:repo] | FILE.jsonl (default: eval.suite)")
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                     max_tokens=_given(args.max_tokens, ev.max_tokens), temperature=ev.temperature))
     try:
         scores = run_eval(
-            base_url=args.server or cfg.server.base_url, model=args.model or cfg.server.served_model_name,
+            base_urls=_servers(args.server) or [cfg.server.base_url], model=args.model or cfg.server.served_model_name,
             api_key=args.api_key or os.environ.get("GEN_SERVER_API_KEY") or cfg.server.api_key, out_dir=out, **kw)
     except (EvalError, ServerUnavailable, PermissionError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

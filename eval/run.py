@@ -2,9 +2,10 @@
 
 Each prompt goes through the shared OpenAI client - base style: the few-shot base-model template via
 ``/v1/completions`` with its stop strings, up to ``prompts_per_request`` prompts per request; chat style:
-``/v1/chat/completions``, one per request - with bounded concurrency and a progress bar. Responses are
-cached in ``OUT/responses.jsonl`` keyed by a hash of the exact request, so an interrupted eval resumes
-where it stopped; a cache made for another suite, model or setting is refused rather than mixed in.
+``/v1/chat/completions``, one per request - with bounded concurrency per server and a progress bar, spread over
+every server given (replicas of one model; one lost mid-eval is dropped and the others finish its prompts).
+Responses are cached in ``OUT/responses.jsonl`` keyed by a hash of the exact request, so an interrupted eval
+resumes where it stopped; a cache made for another suite, model or setting is refused rather than mixed in.
 
 A base-style answer ends where the model starts another turn (``BaseTemplate.cut``, the same cut pair building
 makes); such an answer counts as finished. Outputs in OUT: ``scores.json`` (prompt/instruction x strict/loose,
@@ -17,14 +18,14 @@ n_prompts, per-instruction breakdown, a ``degeneration`` block - truncation, loo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ import openai
 from tqdm import tqdm
 
 from shared.atomic import append_jsonl_many, atomic_write_json, atomic_write_text, read_jsonl
-from shared.client import make_client, served_models, wait_for_health
+from shared.client import make_client, root_url, served_models, wait_for_health
 from shared.prompting import BaseTemplate, load_template
 
 log = logging.getLogger(__name__)
@@ -145,98 +146,189 @@ class ResponseCache:
         self._flushed = time.monotonic()
 
 
-async def _fetch_all(
-    items: list[dict[str, Any]], reqs: list[dict[str, Any]], cache: ResponseCache, *, base_url: str,
-    api_key: str | None, concurrency: int, timeout: float, max_retries: int, prompts_per_request: int = 8,
-    stall_timeout: float = 600.0,
-) -> None:
-    """Ask the server for every uncached request. Completions whose bodies differ only in ``prompt`` share one
-    request of up to ``prompts_per_request`` prompts (``prompt=[...]``; choice i answers prompt i); chat goes one
-    per request. At most ``concurrency`` prompts are in flight, however they are batched."""
-    client = make_client(base_url, api_key, timeout=timeout, max_retries=max_retries, asynchronous=True)
-    # Prompt slots; a batch takes all of its slots under `take`, so two batches never each hold part and wait.
-    slots, take = asyncio.Semaphore(concurrency), asyncio.Lock()
-    todo = {r["request_key"]: (it, r) for it, r in zip(items, reqs) if r["request_key"] not in cache.entries}
-    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-    for it, r in todo.values():
+Batch = list[tuple[dict[str, Any], dict[str, Any]]]
+
+
+@dataclass(eq=False)
+class _Server:
+    """One server of a fan-out: its client, its free prompt slots, its in-flight requests, and why it was dropped."""
+
+    url: str
+    client: Any
+    free: int
+    last: float = field(default_factory=time.monotonic)  # its last answer (or when it last went from idle to busy)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    lost: str | None = None
+
+
+def _batches(todo: Sequence[tuple[dict[str, Any], dict[str, Any]]], size: int) -> list[Batch]:
+    """Completions whose bodies differ only in ``prompt`` share a request of up to ``size`` prompts; chat goes
+    one per request."""
+    groups: dict[str, Batch] = {}
+    for it, r in todo:
         shared = {k: v for k, v in r.items() if k not in ("prompt", "request_key")}
         groups.setdefault(json.dumps(shared, sort_keys=True) if r["endpoint"] == "completions" else r["request_key"],
                           []).append((it, r))
-    size = max(1, min(prompts_per_request, concurrency))
-    batches = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
-    n_keys = len({r["request_key"] for r in reqs})
-    bar = tqdm(total=n_keys, initial=n_keys - len(todo), desc="eval", unit="prompt")
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
-    async def one(batch: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        (item, req), n = batch[0], len(batch)
-        body = {k: v for k, v in req.items() if k not in ("endpoint", "request_key")}
-        if n > 1:
-            body["prompt"] = [r["prompt"] for _, r in batch]
-        async with take:
-            for _ in batch:
-                await slots.acquire()
+
+async def _ask(client: Any, batch: Batch) -> tuple[list[tuple[str, str | None]], Any, float]:
+    """One request for ``batch``: its (text, finish_reason) per choice in prompt order, its usage, its latency."""
+    req, n = batch[0][1], len(batch)
+    body = {k: v for k, v in req.items() if k not in ("endpoint", "request_key")}
+    if n > 1:
+        body["prompt"] = [r["prompt"] for _, r in batch]
+    t0 = time.perf_counter()
+    if req["endpoint"] == "completions":
+        resp = await client.completions.create(**body)
+        outs = [(c.text, c.finish_reason) for c in sorted(resp.choices, key=lambda c: c.index)]
+    else:
+        resp = await client.chat.completions.create(**body)
+        outs = [(resp.choices[0].message.content or "", resp.choices[0].finish_reason)]
+    return outs, resp.usage, time.perf_counter() - t0
+
+
+class _FanOut:
+    """Batches pulled from one shared queue by every server, each with ``concurrency`` prompt slots: a server
+    takes the next batch when it has room for it, so a faster server (which frees its slots sooner) takes more.
+
+    A server that fails (retries spent, a body that is not an answer, or no answer for ``stall_timeout`` while it
+    has requests in flight) is dropped with a warning and its in-flight batches go back on the queue for the
+    others; only when every server is lost does the eval fail. A batch is always in exactly one place - the queue
+    or one request - and is recorded only by the request that answered it, so nothing is lost or recorded twice.
+    """
+
+    def __init__(self, batches: list[Batch], servers: list[_Server], cache: ResponseCache, bar: tqdm, *,
+                 timeout: float, max_retries: int, stall_timeout: float) -> None:
+        self.queue, self.left = deque(batches), len(batches)
+        self.servers, self.cache, self.bar = servers, cache, bar
+        self.timeout, self.max_retries, self.stall_timeout = timeout, max_retries, stall_timeout
+        self.changed = asyncio.Event()  # set on every change a waiting server may be waiting for
+        self.fatal: EvalError | None = None  # a failure no other server can help with: the request's own
+        self.last_loss = ""
+
+    def finished(self) -> bool:
+        return self.left == 0 or self.fatal is not None
+
+    async def run(self) -> None:
+        guard = asyncio.ensure_future(self._watchdog())
         try:
-            t0 = time.perf_counter()
-            if req["endpoint"] == "completions":
-                resp = await client.completions.create(**body)
-                outs = [(c.text, c.finish_reason) for c in sorted(resp.choices, key=lambda c: c.index)]
-            else:
-                resp = await client.chat.completions.create(**body)
-                outs = [(resp.choices[0].message.content or "", resp.choices[0].finish_reason)]
-            latency = time.perf_counter() - t0
-        except openai.BadRequestError as e:  # not retryable: the request itself is wrong for this server
-            what = f"prompt {item['key']!r}" if n == 1 else f"a request of {n} prompts (the first {item['key']!r})"
-            raise EvalError(f"the server rejected {what}: {e.message}. Lower --max-tokens, or serve with a longer "
-                            f"--max-model-len{'' if n == 1 else ', or pass --prompts-per-request 1'}.") from None
-        except (openai.APIError, ValueError) as e:  # retries spent (connection, timeout, 5xx), or not an answer
-            raise EvalError(f"the server at {base_url} failed after {max_retries} retries ({type(e).__name__}: "
-                            f"{str(e)[:200]}); the {len(cache.entries)} responses so far are kept: rerun to go on "
-                            f"(client.timeout_s={timeout:g}, client.max_retries={max_retries})") from None
+            await asyncio.gather(*(self._serve(s) for s in self.servers))
         finally:
-            for _ in batch:
-                slots.release()
+            guard.cancel()
+            tasks = [t for s in self.servers for t in s.tasks]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(guard, *tasks, return_exceptions=True)
+        if self.fatal is not None:
+            raise self.fatal
+        if self.left:
+            lost = "" if len(self.servers) == 1 else f"all {len(self.servers)} servers are lost; the last: "
+            raise EvalError(f"{lost}{self.last_loss}. The {len(self.cache.entries)} responses so far are kept: "
+                            f"rerun to go on")
+
+    async def _serve(self, srv: _Server) -> None:
+        """Start a request whenever ``srv`` has room for the next batch, until all are answered or it is lost."""
+        while True:
+            while not (self.finished() or srv.lost or (self.queue and srv.free >= len(self.queue[0]))):
+                self.changed.clear()
+                await self.changed.wait()
+            if self.finished() or srv.lost:
+                return
+            batch = self.queue.popleft()
+            if not srv.tasks:
+                srv.last = time.monotonic()
+            srv.free -= len(batch)
+            task = asyncio.ensure_future(self._one(srv, batch))
+            srv.tasks.add(task)
+            task.add_done_callback(srv.tasks.discard)
+
+    async def _one(self, srv: _Server, batch: Batch) -> None:
+        item, n = batch[0][0], len(batch)
+        try:
+            outs, u, latency = await _ask(srv.client, batch)
+        except asyncio.CancelledError:  # its server was dropped (or the eval ends): another server asks again
+            self.queue.appendleft(batch)
+            raise
+        except openai.BadRequestError as e:  # not retryable: the request itself is wrong for the server
+            what = f"prompt {item['key']!r}" if n == 1 else f"a request of {n} prompts (the first {item['key']!r})"
+            self.fatal = EvalError(f"the server rejected {what}: {e.message}. Lower --max-tokens, or serve with a "
+                                   f"longer --max-model-len{'' if n == 1 else ', or pass --prompts-per-request 1'}.")
+            return
+        except (openai.APIError, ValueError) as e:  # retries spent (connection, timeout, 5xx), or not an answer
+            self.queue.appendleft(batch)
+            self._lose(srv, f"the server at {srv.url} failed after {self.max_retries} retries ({type(e).__name__}: "
+                            f"{str(e)[:200]}) (client.timeout_s={self.timeout:g}, "
+                            f"client.max_retries={self.max_retries})")
+            return
+        finally:
+            srv.free += n
+            self.changed.set()
         if len(outs) != n:
-            raise EvalError(f"the server answered {len(outs)} choices to {n} prompts from {item['key']!r}; "
-                            f"pass --prompts-per-request 1 for a server without list prompts")
+            self.fatal = EvalError(f"the server at {srv.url} answered {len(outs)} choices to {n} prompts from "
+                                   f"{item['key']!r}; pass --prompts-per-request 1 for a server without list prompts")
+            return
         # `usage` covers the whole request: its first prompt's entry holds the request's tokens, the others 0, and
         # every entry says the request's size in `batch` - so sums over the cache stay exact (a batch's entries
         # are added, and written, together). latency_s is the request's.
-        u = resp.usage
-        cache.add(*({
+        self.cache.add(*({
             "request_key": r["request_key"], "key": it["key"], "response": text, "finish_reason": finish,
-            "latency_s": round(latency, 4), "batch": n,
+            "latency_s": round(latency, 4), "batch": n, "server": srv.url,
             "prompt_tokens": (u.prompt_tokens if i == 0 else 0) if u else None,
             "completion_tokens": (u.completion_tokens if i == 0 else 0) if u else None,
         } for i, ((it, r), (text, finish)) in enumerate(zip(batch, outs))))
-        progress["at"] = time.monotonic()
-        bar.update(n)
+        self.left -= 1
+        srv.last = time.monotonic()
+        self.bar.update(n)
 
-    progress = {"at": time.monotonic()}
+    def _lose(self, srv: _Server, why: str) -> None:
+        """Drop ``srv``: its in-flight requests are cancelled, and each puts its batch back on the queue."""
+        if srv.lost:
+            return
+        srv.lost, self.last_loss = why, why
+        left = [s.url for s in self.servers if not s.lost]
+        if left:
+            log.warning("dropping %s: %s; its prompts in flight go back on the queue for %s", srv.url, why,
+                        ", ".join(left))
+        for t in srv.tasks:
+            t.cancel()
+        self.changed.set()
 
-    async def watchdog() -> None:
+    async def _watchdog(self) -> None:
+        """Drop a server with requests in flight that has not answered for ``stall_timeout`` seconds."""
         while True:
-            await asyncio.sleep(min(5.0, stall_timeout / 4))
-            if time.monotonic() - progress["at"] > stall_timeout:
-                raise EvalError(f"no response from the server at {base_url} for {stall_timeout:g} s while requests "
-                                f"were in flight: it is stalled or dead (see its log). The {len(cache.entries)} "
-                                f"responses so far are kept: rerun to go on; raise client.stall_timeout_s if its "
-                                f"answers really take that long")
+            await asyncio.sleep(min(5.0, self.stall_timeout / 4))
+            now = time.monotonic()
+            for s in self.servers:
+                if not s.lost and s.tasks and now - s.last > self.stall_timeout:
+                    self._lose(s, f"no response from the server at {s.url} for {self.stall_timeout:g} s while "
+                                  f"requests were in flight: it is stalled or dead (see its log); raise "
+                                  f"client.stall_timeout_s if its answers really take that long")
 
-    work = asyncio.ensure_future(asyncio.gather(*(one(b) for b in batches)))
-    guard = asyncio.ensure_future(watchdog())
+
+async def _fetch_all(
+    items: list[dict[str, Any]], reqs: list[dict[str, Any]], cache: ResponseCache, *, base_urls: Sequence[str],
+    api_key: str | None, concurrency: int, timeout: float, max_retries: int, prompts_per_request: int = 8,
+    stall_timeout: float = 600.0,
+) -> None:
+    """Ask the servers for every uncached request, spread over them by :class:`_FanOut`. Completions whose bodies
+    differ only in ``prompt`` share one request of up to ``prompts_per_request`` prompts (``prompt=[...]``; choice
+    i answers prompt i); chat goes one per request. At most ``concurrency`` prompts are in flight per server,
+    however they are batched."""
+    todo = {r["request_key"]: (it, r) for it, r in zip(items, reqs) if r["request_key"] not in cache.entries}
+    batches = _batches(list(todo.values()), max(1, min(prompts_per_request, concurrency)))
+    n_keys = len({r["request_key"] for r in reqs})
+    bar = tqdm(total=n_keys, initial=n_keys - len(todo), desc="eval", unit="prompt")
+    servers = [_Server(url, make_client(url, api_key, timeout=timeout, max_retries=max_retries, asynchronous=True),
+                       concurrency) for url in base_urls]
     try:
-        await asyncio.wait({work, guard}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
-            guard.result()  # raises the stall error
-        work.result()
+        await _FanOut(batches, servers, cache, bar, timeout=timeout, max_retries=max_retries,
+                      stall_timeout=stall_timeout).run()
     finally:
-        guard.cancel()
         cache.flush()
         bar.close()
-        await client.close()
+        for s in servers:
+            await s.client.close()
 
 
 def score_responses(items: Sequence[dict[str, Any]], raw: Sequence[tuple[str, str | None]],
@@ -287,8 +379,33 @@ def config_settings(cfg: Any) -> dict[str, Any]:
     )
 
 
+def _server_urls(base_url: str | None, base_urls: Sequence[str]) -> list[str]:
+    """The distinct servers among ``base_url`` and ``base_urls`` (one server named twice would get twice the
+    requests in flight); at least one."""
+    urls = list(dict.fromkeys(root_url(u) for u in ([base_url] if base_url else []) + list(base_urls)))
+    if not urls:
+        raise EvalError("no server to evaluate against: pass base_url or base_urls (--server URL)")
+    return urls
+
+
+def _common_model(urls: list[str], model: str | None, api_key: str | None, health_timeout: float) -> str:
+    """The model every server serves (``model``, or what the first lists first): they must all answer the same."""
+    for url in urls:
+        wait_for_health(url, timeout=health_timeout)
+    for url in urls:
+        served = [m["id"] for m in served_models(url, api_key)]
+        if model is None:
+            model = served[0]
+        elif model not in served:
+            fix = f"pass --model {served[0]}" if len(urls) == 1 else "every server must serve the same model"
+            raise EvalError(f"the server at {url} serves {served}, not {model!r}: {fix}")
+    assert model is not None
+    return model
+
+
 def run_eval(
-    *, base_url: str, model: str | None, api_key: str | None, suite: str = "own", out_dir: str | os.PathLike[str],
+    *, base_url: str | None = None, base_urls: Sequence[str] = (), model: str | None, api_key: str | None,
+    suite: str = "own", out_dir: str | os.PathLike[str],
     limit: int | None = None, settings: EvalSettings = EvalSettings(), template: BaseTemplate | None = None,
     concurrency: int = 16, timeout: float = 600.0, max_retries: int = 6, health_timeout: float = 30.0,
     prompts_per_request: int = 8, heldout_types: Sequence[str] | None = None, long_words: int = 300,
@@ -296,6 +413,9 @@ def run_eval(
 ) -> dict[str, Any]:
     """Generate (or reuse cached) responses for a suite, score them, write scores/results/report.
 
+    The requests go to ``base_url`` and every one of ``base_urls`` (replicas of one model: each must serve it),
+    ``concurrency`` prompts in flight on each, a faster one taking more; a server lost mid-eval is dropped and the
+    others finish its work (:class:`_FanOut`); each response records the server that gave it (``server``).
     ``prompts_per_request``: completion prompts sent per HTTP request (1 = one each); greedy results do not
     depend on it, so a cache made with one value serves another. ``heldout_types`` (default: eval.heldout_types'
     default) are scored on their own; ``long_words``: the "long answer" habit's threshold. Neither changes what
@@ -317,12 +437,8 @@ def run_eval(
     out = Path(out_dir)
     name, items = load_suite(suite, limit)  # validate input before touching the server
     tpl = template or load_template()
-    wait_for_health(base_url, timeout=health_timeout)
-    served = [m["id"] for m in served_models(base_url, api_key)]
-    if model is None:
-        model = served[0]
-    elif model not in served:
-        raise EvalError(f"the server at {base_url} serves {served}, not {model!r}: pass --model {served[0]}")
+    urls = _server_urls(base_url, base_urls)
+    model = _common_model(urls, model, api_key, health_timeout)
     meta = {"suite": name, "suite_hash": suite_hash(items), "model": model, "template": tpl.sha256
             if settings.prompt_style == "base" else None, **asdict(settings)}
     out.mkdir(parents=True, exist_ok=True)
@@ -333,7 +449,7 @@ def run_eval(
         req["request_key"] = _request_key(req)
         reqs.append(req)
     t0 = time.perf_counter()
-    asyncio.run(_fetch_all(items, reqs, cache, base_url=base_url, api_key=api_key, concurrency=concurrency,
+    asyncio.run(_fetch_all(items, reqs, cache, base_urls=urls, api_key=api_key, concurrency=concurrency,
                            timeout=timeout, max_retries=max_retries, prompts_per_request=prompts_per_request,
                            stall_timeout=stall_timeout))
     gen_wall = time.perf_counter() - t0

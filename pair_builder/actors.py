@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import ray
 from ray.exceptions import RayError
 
@@ -66,18 +67,28 @@ class PairWorker:
         self.examples = example_index(settings, template, constitution)
 
     def build(self, instruction: dict[str, Any], principle_id: str, fewshot: list[str] = ()) -> dict[str, Any]:
-        """``fewshot``: the template's rare example words for this round (verify.ExampleIndex.with_fewshot)."""
+        """The item's result; raises :class:`ServerUnavailable` when the server could not be reached (after the
+        client's retries): not the item's failure, so :func:`run_jobs` gives it to another server. ``fewshot``:
+        the template's rare example words for this round (verify.ExampleIndex.with_fewshot)."""
         examples = self.examples.with_fewshot(fewshot) if self.examples is not None and fewshot else self.examples
         result = build_item(self.client, Instruction.from_json(instruction), self.constitution.get(principle_id),
                             settings=self.settings, template=self.template, examples=examples)
+        if result.pop("unreachable", False):
+            raise self._lost(result["error"])
         result["server"] = self.base_url
         return result
 
     def write_tasks(self, examples: list[str], n: int, seed: int, max_tokens: int) -> dict[str, Any]:
         usage = Usage()
-        tasks = request_tasks(self.client, self.settings.model, examples, n=n, seed=seed, max_tokens=max_tokens,
-                              usage=usage)
+        try:
+            tasks = request_tasks(self.client, self.settings.model, examples, n=n, seed=seed, max_tokens=max_tokens,
+                                  usage=usage)
+        except openai.APIConnectionError as e:
+            raise self._lost(f"{type(e).__name__}: {e}") from None
         return {"tasks": tasks, "usage": vars(usage)}
+
+    def _lost(self, why: str) -> ServerUnavailable:
+        return ServerUnavailable(f"the server at {self.base_url} cannot be reached ({why})")
 
 
 def start_workers(urls: list[str], api_key: str | None, *, in_flight: int, max_restarts: int, timeout: float,
@@ -111,17 +122,21 @@ def run_jobs(workers: list[Any], jobs: Iterable[Job], *, in_flight: int, on_resu
     """Run jobs over workers, at most ``in_flight`` per worker, least-loaded first; returns failures.
 
     A job whose worker died past its restarts is reported to ``on_result`` as ``{"error": ...}``; its item
-    is not done, so the next submission redoes it. When no job finishes for ``stall_timeout`` seconds,
-    :class:`Stalled` is raised (finished items are kept; a resubmission goes on).
+    is not done, so the next submission redoes it. A job whose server cannot be reached (the worker raised
+    :class:`ServerUnavailable`) is no failure: that worker gets no more jobs, and the job goes back on the queue
+    for the others; when every server is lost, :class:`ServerUnavailable` is raised. When no job finishes for
+    ``stall_timeout`` seconds, :class:`Stalled` is raised. Either way finished items are kept and a resubmission
+    goes on.
     """
     queue = deque(jobs)
     load = [0] * len(workers)
+    alive = set(range(len(workers)))
     pending: dict[Any, tuple[int, Job]] = {}
     failures = 0
     last = time.monotonic()
     while queue or pending:
-        while queue and not should_stop() and min(load) < in_flight:
-            w = min(range(len(workers)), key=load.__getitem__)
+        while queue and not should_stop() and min(load[w] for w in alive) < in_flight:
+            w = min(sorted(alive), key=load.__getitem__)
             job = queue.popleft()
             pending[getattr(workers[w], job.method).remote(*job.args)] = (w, job)
             load[w] += 1
@@ -139,9 +154,25 @@ def run_jobs(workers: list[Any], jobs: Iterable[Job], *, in_flight: int, on_resu
             load[w] -= 1
             try:
                 result = ray.get(ref)
+            except ServerUnavailable as e:  # Ray's error for the worker's raise is also the raised class
+                queue.appendleft(job)
+                _lose(alive, w, e, servers)
+                continue
             except RayError as e:
                 failures += 1
                 log.error("%s failed on worker %d after retries: %s", job.key, w, str(e).splitlines()[0])
                 result = {"id": job.key, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
             on_result(job, result)
     return failures
+
+
+def _lose(alive: set[int], w: int, e: ServerUnavailable, servers: str) -> None:
+    """Worker ``w``'s server is gone: no more jobs for it (its other jobs in flight come back the same way); raise
+    when it was the last."""
+    why = str(getattr(e, "cause", None) or e)  # Ray's error wraps the worker's: its text has the traceback
+    if w in alive:
+        alive.discard(w)
+        if not alive:
+            raise ServerUnavailable(f"no server is left ({servers}); the last lost: {why}. Finished items are kept: "
+                                    f"resubmit to go on") from None
+        log.warning("dropping worker %d: %s; its jobs go to the %d worker(s) left", w, why, len(alive))

@@ -111,8 +111,10 @@ def build_item(client: Any, instruction: Instruction, principle: Principle, *, s
     except (openai.APIError, json.JSONDecodeError) as e:
         # Transient after the client's retries (connection, timeout, 5xx, a body that is not JSON): not marked
         # done, so a resubmitted job retries the item.
+        # `unreachable`: the server could not be reached at all (the worker gives the item to another server).
         log.warning("item %s failed: %s", iid, e)
-        result.update(kept=False, reason="request_error", record=None, error=f"{type(e).__name__}: {e}")
+        result.update(kept=False, reason="request_error", record=None, error=f"{type(e).__name__}: {e}",
+                      unreachable=isinstance(e, openai.APIConnectionError))
     except ValueError as e:
         # An answer that cannot be used (no echo log-probs, a response with no tokens): asking again gets the
         # same answer, so it is a counted drop, not an item every resubmission retries.

@@ -190,6 +190,7 @@ def plan(cfg: Config, shape: Any, *, rounds: int | None = None, model: str = "")
         prompts = len(own_suite())  # what `eval` scores for suite own
     prompts = min(prompts, ev.limit or prompts)
     tokens = prompts * ev.max_tokens * MEASURED["eval_fill"].value
+    # the eval spreads over server.replicas too, but its scaling is not measured: planned on one (an upper bound)
     rate, src = _decode_rate(params, card, eager, "eval")
     stages.append(Stage("eval", tokens / rate, gpu, host_serve.value, 0.0,
                         [f"{prompts} prompts x {ev.max_tokens} tokens x {MEASURED['eval_fill'].source}", *src]))

@@ -281,7 +281,7 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
     ledger = CostLedger(rk.ledger, cfg.cost.gpu_usd_per_hour)
     log_dir = Path(cfg.pipeline.server_log_dir or rd.path)
     with ledger.stage("serve_start", model=str(model_dir)) as st:
-        # server.replicas servers on this node, started together; the first also serves the eval
+        # server.replicas servers on this node, started together; the eval and pair building spread over all
         servers = start_replicas(cfg.server, model_dir, lambda i: log_dir / (
             f"gen_server-round-{k}.log" if i == 0 else f"gen_server-round-{k}-replica-{i}.log"))
         st.add(replicas=len(servers))
@@ -298,8 +298,8 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
         if not state.done(f"round-{k}/eval"):
             ev = cfg.eval
             with ledger.stage("eval", suite=ev.suite) as st:
-                scores = run_eval(base_url=srv.base_url, model=None, api_key=srv.api_key, out_dir=rk.eval,
-                                  **config_settings(cfg))
+                scores = run_eval(base_urls=[s.base_url for s in servers], model=None, api_key=srv.api_key,
+                                  out_dir=rk.eval, **config_settings(cfg))
                 st.add(completion_tokens=scores["completion_tokens"], prompts=scores["n_prompts"])
             log.info("round %d eval: %s=%.4f", k, ev.gate_metric, scores[ev.gate_metric])
             _mark(state, f"round-{k}/eval", **{m: scores[m] for m in ("prompt_strict", "prompt_loose",

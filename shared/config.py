@@ -79,7 +79,8 @@ class ServerConfig(Section):
     replicas: int | Literal["auto"] = Field(
         1, description="Pipeline: generation servers per round, on this node: each vLLM replica pinned to its own "
         "GPU(s) (tensor_parallel_size each); auto = one per tensor_parallel_size of the visible GPUs. Pair building "
-        "spreads over all of them; the eval runs on the first. Not an option of one gen_server.")
+        "and the eval spread over all of them (one lost mid-round is dropped; the others finish its work). Not an "
+        "option of one gen_server.")
 
     @property
     def base_url(self) -> str:

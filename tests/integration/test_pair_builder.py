@@ -308,3 +308,25 @@ def test_the_local_ray_it_starts_refuses_a_wrong_token():
         assert results == {"wrong": (1, False), "right": (0, True)}, results
     finally:
         ray.shutdown()
+
+
+def test_an_unreachable_server_s_jobs_go_to_the_others(server, assets, tmp_path, local_ray, caplog):
+    """A worker whose server is gone (nothing listens on its port) fails its jobs after the client's retries: they are
+    requeued on the live worker, none reported failed, none done twice; with no live worker left run_jobs raises."""
+    from pair_builder.actors import Job, run_jobs
+    from pair_builder.sources import file_instructions
+    from shared.client import ServerUnavailable
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    _, _, workers = _workers_and_settings(server, assets, tmp_path, [dead, server.base_url])
+    jobs = [Job("build", (ins.to_json(), "short"), ins.id)
+            for ins in file_instructions(assets / "instructions.jsonl")[:6]]
+    results = []
+    failures = run_jobs(workers, jobs, in_flight=2, on_result=lambda job, res: results.append(res))
+    assert failures == 0 and all(r["error"] is None for r in results)
+    assert sorted(r["instruction_id"] for r in results) == sorted(j.args[0]["id"] for j in jobs)
+    assert {r["server"] for r in results} == {server.base_url}
+    assert "dropping worker 0" in caplog.text and dead in caplog.text
+    with pytest.raises(ServerUnavailable, match=rf"no server is left \(x\); the last lost: the server at {dead} "
+                                                r"cannot be reached \(APIConnectionError"):
+        run_jobs(workers[:1], jobs, in_flight=2, on_result=lambda job, res: results.append(res), servers="x")

@@ -258,7 +258,7 @@ def test_train_method_sft_runs_the_sft_recipe_through_the_round(tiny_config):
 
 def test_two_replicas_share_the_pair_building_and_stop_together(tiny_config, tiny_model_dir):
     """server.replicas=2: two servers start together (one key), pair_builder is given both URLs and sends work to
-    each, the eval runs on the first, and both stop when the phase ends."""
+    each, and so does the eval, and both stop when the phase ends."""
     cfg, run = tiny_config
     before = _servers(tiny_model_dir)
     r = _pipeline("run", "--config", str(cfg), "server.replicas=2", crash_after="round-0/pairs")

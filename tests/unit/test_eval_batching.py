@@ -16,18 +16,20 @@ from shared.prompting import load_template
 class FakeClient:
     """Answers each prompt with ``echo:<prompt>``; 3 completion tokens per prompt, 10 prompt tokens."""
 
-    def __init__(self, reject: bool = False) -> None:
+    def __init__(self, reject: bool = False, delay: float = 0.01, fail_after: int | None = None) -> None:
         self.calls: list[dict] = []
         self.in_flight = self.max_in_flight = 0
-        self.reject = reject
+        self.reject, self.delay, self.fail_after = reject, delay, fail_after
         self.completions = SimpleNamespace(create=self._completions)
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._chat))
 
     async def _serve(self, body: dict, prompts: list[str], choice) -> SimpleNamespace:
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:  # the server is gone
+            raise openai.APIConnectionError(request=httpx.Request("POST", "http://x"))
         self.calls.append(body)
         self.in_flight += len(prompts)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(self.delay)
         self.in_flight -= len(prompts)
         if self.reject:
             response = httpx.Response(400, request=httpx.Request("POST", "http://x"))
@@ -50,9 +52,12 @@ class FakeClient:
 
 
 def _fetch(tmp_path, monkeypatch, n_items: int, *, style: str = "base", concurrency: int = 16, ppr: int = 8,
-           client: FakeClient | None = None, max_tokens=None) -> tuple[FakeClient, ResponseCache, list[dict]]:
+           client: FakeClient | None = None, max_tokens=None, servers: dict[str, FakeClient] | None = None,
+           stall_timeout: float = 600.0) -> tuple[FakeClient, ResponseCache, list[dict]]:
+    """``servers``: a fake client per URL, for a fan-out (default: ``client`` at http://x)."""
     client = client or FakeClient()
-    monkeypatch.setattr(run, "make_client", lambda *a, **k: client)
+    servers = servers or {"http://x": client}
+    monkeypatch.setattr(run, "make_client", lambda url, *a, **k: servers[url])
     tpl = load_template()
     items = [{"key": f"k{i}", "prompt": f"p{i}"} for i in range(n_items)]
     reqs = []
@@ -62,8 +67,9 @@ def _fetch(tmp_path, monkeypatch, n_items: int, *, style: str = "base", concurre
         req["request_key"] = _request_key(req)
         reqs.append(req)
     cache = ResponseCache(tmp_path, {"t": 1})
-    asyncio.run(_fetch_all(items, reqs, cache, base_url="http://x", api_key=None, concurrency=concurrency,
-                           timeout=1, max_retries=0, prompts_per_request=ppr))
+    asyncio.run(_fetch_all(items, reqs, cache, base_urls=list(servers), api_key=None, concurrency=concurrency,
+                           timeout=1, max_retries=0, prompts_per_request=ppr,
+                           stall_timeout=stall_timeout))
     return client, cache, reqs
 
 
@@ -108,6 +114,54 @@ def test_bad_request_names_the_first_prompt_of_the_batch(tmp_path, monkeypatch):
         _fetch(tmp_path, monkeypatch, 3, client=FakeClient(reject=True))
     with pytest.raises(EvalError, match=r"rejected prompt 'k0': too long"):
         _fetch(tmp_path / "b", monkeypatch, 1, client=FakeClient(reject=True))
+
+
+def _once_each(cache: ResponseCache, reqs: list[dict]) -> list[dict]:
+    """Every request answered, each exactly once on disk; the entries as written."""
+    import json
+
+    rows = [json.loads(x) for x in (cache.path).read_text().splitlines()]
+    assert sorted(r["request_key"] for r in rows) == sorted(r["request_key"] for r in reqs)
+    return rows
+
+
+def test_fan_out_gives_the_faster_server_more(tmp_path, monkeypatch):
+    """Servers pull from one queue as their slots free up: not round-robin, and never over ``concurrency`` each."""
+    fast, slow = FakeClient(delay=0.005), FakeClient(delay=0.05)
+    _, cache, reqs = _fetch(tmp_path, monkeypatch, 40, ppr=1, concurrency=2, servers={"http://a": fast, "http://b": slow})
+    rows = _once_each(cache, reqs)
+    assert len(fast.calls) > 3 * len(slow.calls) > 0 and fast.max_in_flight <= 2 and slow.max_in_flight <= 2
+    assert {r["server"] for r in rows} == {"http://a", "http://b"}
+
+
+def test_a_lost_server_hands_its_prompts_to_the_others(tmp_path, monkeypatch, caplog):
+    """A server whose requests fail after their retries is dropped with a warning; its prompts (the failed one and
+    the others in flight) are answered by the server left, each once."""
+    dying, ok = FakeClient(fail_after=3), FakeClient()
+    _, cache, reqs = _fetch(tmp_path, monkeypatch, 20, ppr=2, concurrency=4,
+                            servers={"http://dying": dying, "http://ok": ok})
+    rows = _once_each(cache, reqs)
+    # its 4th request failed; one begun before it may have been in flight then: cancelled, and asked of http://ok
+    assert len(dying.calls) == 3 and 0 < sum(r["server"] == "http://dying" for r in rows) <= 6
+    assert "dropping http://dying" in caplog.text and "http://ok" in caplog.text
+
+
+def test_a_stalled_server_is_dropped_and_its_prompts_redone(tmp_path, monkeypatch, caplog):
+    hung, ok = FakeClient(delay=3600), FakeClient()
+    _, cache, reqs = _fetch(tmp_path, monkeypatch, 12, ppr=1, concurrency=3, stall_timeout=0.4,
+                            servers={"http://hung": hung, "http://ok": ok})
+    rows = _once_each(cache, reqs)
+    assert {r["server"] for r in rows} == {"http://ok"} and len(hung.calls) == 3
+    assert "dropping http://hung: no response from the server at http://hung for 0.4 s" in caplog.text
+
+
+def test_only_the_loss_of_every_server_fails_the_eval(tmp_path, monkeypatch):
+    with pytest.raises(EvalError, match=r"all 2 servers are lost; the last: the server at http://\w failed after 0 "
+                                        r"retries \(APIConnectionError.*The 2 responses so far are kept"):
+        _fetch(tmp_path, monkeypatch, 10, ppr=1, concurrency=1,
+               servers={"http://a": FakeClient(fail_after=1), "http://b": FakeClient(fail_after=1)})
+    with pytest.raises(EvalError, match=r"^the server at http://a failed after 0 retries"):
+        _fetch(tmp_path / "b", monkeypatch, 3, ppr=1, servers={"http://a": FakeClient(fail_after=0)})
 
 
 def test_config_field():
@@ -163,3 +217,13 @@ def test_a_cache_without_responses_takes_new_settings(tmp_path):
     cache.flush()
     with pytest.raises(EvalError, match="holds responses of another eval"):
         ResponseCache(tmp_path, {"max_tokens": 128})
+
+
+def test_cli_servers_repeat_or_comma_list():
+    from eval.__main__ import _servers
+    from eval.run import _server_urls
+
+    assert _servers(["http://a:1,http://b:2", " http://c:3 "]) == ["http://a:1", "http://b:2", "http://c:3"]
+    assert _server_urls("http://a:1/v1", ["http://a:1", "http://b:2/"]) == ["http://a:1", "http://b:2"]
+    with pytest.raises(EvalError, match="no server"):
+        _server_urls(None, [])

@@ -105,4 +105,4 @@ def test_replicas_divide_the_pair_building_time():
     two = {s.name: s for s in plan(load_config(QWEN, ["cost.gpu=h200", "server.replicas=2"]),
                                    KNOWN_SHAPES["qwen2.5-32b"]).stages}
     assert two["pairs"].seconds == pytest.approx(one["pairs"].seconds / (2 * 3.88 / 4))
-    assert two["eval"].seconds == one["eval"].seconds  # the eval runs on the first replica
+    assert two["eval"].seconds == one["eval"].seconds  # the eval's fan-out is unmeasured: planned on one
