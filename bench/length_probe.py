@@ -188,14 +188,15 @@ def _summary(scores: dict) -> dict[str, float | None]:
             "words_median": d["words_median"], "loop_rate": d["loop_rate"], "echo_rate": d["echo_rate"],
             "truncation_rate": d["truncation_rate"],
             "lowercase_rate": d["lowercase_rate"], "no_comma_rate": d["no_comma_rate"],
-            "format_rate": d.get("format_rate"), "fewshot_rate": d.get("fewshot_rate")}
+            "format_rate": d.get("format_rate"), "bullets_rate": d.get("bullets_rate"),
+            "fewshot_rate": d.get("fewshot_rate")}
 
 
 CI_KEYS = (("metrics", "prompt_loose"), ("metrics", "prompt_loose_clean"), ("metrics", "instruction_loose_clean"),
            ("heldout", "loose"), ("degeneration", "words_median"), ("degeneration", "loop_rate"),
            ("degeneration", "echo_rate"),
            ("degeneration", "lowercase_rate"), ("degeneration", "no_comma_rate"), ("degeneration", "format_rate"),
-           ("degeneration", "fewshot_rate"))
+           ("degeneration", "bullets_rate"), ("degeneration", "fewshot_rate"))
 
 
 def ci_table(arm_dirs: dict[str, Path], heldout: list[str], against: str = "base") -> str:

@@ -26,6 +26,7 @@ _WORD = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
 LOWERCASE_ID = "change_case:english_lowercase"
 UPPERCASE_ID = "change_case:english_capital"
 NO_COMMA_ID = "punctuation:no_comma"
+BULLETS_ID = "detectable_format:number_bullet_lists"
 LENGTH_PREFIX = "length_constraints:"
 MIN_CASED_LETTERS = 10   # an answer needs this many cased letters before "all lowercase" says anything
 COMMA_MIN_WORDS = 20     # comma-free counts only for answers longer than this (short ones need no comma)
@@ -40,6 +41,7 @@ HABITS: dict[str, str] = {
     "long": f"answers past the length limit (words), prompts without any {LENGTH_PREFIX}*",
     "format": "answers with a format mark the prompt did not ask for: a P.S. line, a *** or ****** divider, "
               "SECTION/PART n headers, or the whole answer as JSON (format repairs must not teach them everywhere)",
+    "bullets": f"answers with a markdown bullet list (2+ lines starting '* ' or '- '), prompts without {BULLETS_ID}",
     "fewshot": "answers that talk about the prompt template's few-shot examples instead of the prompt: at least "
                "2 of the examples' rare words that the prompt does not contain ('The haiku is a short poem about "
                "autumn rain.' for a question on taxes)",
@@ -65,6 +67,14 @@ FORMAT_MARKS: dict[str, Any] = {
     "detectable_format:multiple_sections": re.compile(r"^\s*(section|part)\s+\d+\b", re.IGNORECASE | re.MULTILINE).search,
     "detectable_format:json_format": _whole_json,
 }
+
+
+_BULLET = re.compile(r"^\s*[*-]\s+\S", re.MULTILINE)  # IFEval's own bullet checker counts these lines
+
+
+def has_bullets(text: str) -> bool:
+    """Whether ``text`` holds a bullet list: two or more lines starting "* " or "- " (not *highlights*)."""
+    return len(_BULLET.findall(text)) >= 2
 
 
 def words(text: str) -> list[str]:
@@ -290,6 +300,7 @@ def profile(text: str, instruction_ids: Sequence[str], finish_reason: str | None
         "no_comma": "," not in text if n > COMMA_MIN_WORDS and NO_COMMA_ID not in ids else None,
         "long": n > long_words if not any(i.startswith(LENGTH_PREFIX) for i in ids) else None,
         "format": any(bool(mark(text)) for fid, mark in FORMAT_MARKS.items() if fid not in ids) if n else None,
+        "bullets": has_bullets(text) if n and BULLETS_ID not in ids else None,
         "fewshot": None,  # needs the prompt and the template: the caller sets it (mentions_fewshot)
     }
 

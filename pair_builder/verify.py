@@ -305,12 +305,17 @@ def _pick(cands: list[Candidate], valid: list[int], rule: NoConstraintRule, has_
     return max(pairs, key=lambda ip: (cands[ip[0]].pass_no, ip[0]))
 
 
+# the habits a pair must not reward unasked (eval.degeneration.HABITS)
+PAIR_HABITS = ("lowercase", "uppercase", "bullets")
+
+
 def unrequested_habit(chosen: str, rejected: str, constraint_ids: Sequence[str]) -> str | None:
-    """The case habit (``lowercase`` / ``uppercase``) chosen shows and rejected does not, when the instruction did not
-    ask for it; None otherwise. A pair like that rewards the habit itself: DPO learns "write in lowercase" from it
-    and applies it to every prompt."""
+    """The habit of :data:`PAIR_HABITS` chosen shows and rejected does not, when the instruction did not ask for
+    it; None otherwise. A pair like that rewards the habit itself: DPO learns "write in lowercase" from it and
+    applies it to every prompt. Bullets too: in the fifth GPU run's round 1, among pairs not asking for a list,
+    43 chosen answers had one against 17 rejected, and round 2 answered half of IFEval with bullets."""
     c, r = profile(chosen, constraint_ids), profile(rejected, constraint_ids)
-    return next((h for h in ("lowercase", "uppercase") if c[h] and not r[h]), None)
+    return next((h for h in PAIR_HABITS if c[h] and not r[h]), None)
 
 
 def choose(cands: list[Candidate], *, has_constraints: bool, rule: NoConstraintRule = "critique",

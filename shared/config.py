@@ -367,10 +367,11 @@ class PairsConfig(Section):
                                    "examples instead of their instruction (eval.degeneration.mentions_fewshot, the "
                                    "round's instructions judge which example words are rare): DPO rounds on a "
                                    "270M base model taught it to half of its answers (docs/training.md).")
-    drop_unrequested_habits: bool = Field(True, description="Drop a pair whose chosen answer is all-lowercase or "
-                                          "all-uppercase when its instruction did not ask for it (and rejected is "
-                                          "not): such pairs teach the habit everywhere (measured on gemma3-270m: "
-                                          "unrequested lowercase 1.8% -> 16.4% after one round).")
+    drop_unrequested_habits: bool = Field(True, description="Drop a pair whose chosen answer is all-lowercase, "
+                                          "all-uppercase or a bullet list when its instruction did not ask for it "
+                                          "(and rejected is not): such pairs teach the habit everywhere (measured on "
+                                          "gemma3-270m: unrequested lowercase 1.8% -> 16.4% after one round; "
+                                          "bullets 2.4% -> 51% in two).")
     habit_contrast: float = Field(0.25, ge=0.0, description="Habit-contrast pairs (an answer to an instruction that "
                                   "did not ask for all-lowercase / all-uppercase / no commas, against itself with the "
                                   "habit applied; pair_builder.extras) per pair that pushes a habit up beyond those "

@@ -191,10 +191,22 @@ def test_what_the_prompt_asks_the_answer_to_contain_is_not_an_echo():
     ('{"answer": "Bring a coat."}', [], True),
     ('{"answer": "Bring a coat."}', ["detectable_format:json_format"], False),
     ("Bring a coat, since the ps. and the section 2 of the forecast say rain; see part 3 below.", [], False),
-    ("* Bring a coat.\n* Take the bus.", [], False),  # bullets are ordinary writing, not a habit
+    ("* Bring a coat.\n* Take the bus.", [], False),  # not a format mark: the bullets habit counts lists
 ])
 def test_the_format_habit_counts_format_marks_the_prompt_did_not_ask_for(text, asked, shows):
     assert profile(text, asked)["format"] is shows
+
+
+@pytest.mark.parametrize("text, asked, shows", [
+    ("* Bring a coat.\n* Take the bus.", [], True),
+    ("- Bring a coat.\n- Take the bus.\n- Leave early.", [], True),
+    ("* Bring a coat.\n* Take the bus.", ["detectable_format:number_bullet_lists"], None),  # asked: not a habit
+    ("* Bring a coat.", [], False),  # one line is not a list
+    ("Bring a *warm* coat.\n*Take* the bus.", [], False),  # highlights, not bullets
+    ("Bring a coat - it will rain - and take the bus.", [], False),
+])
+def test_the_bullets_habit_counts_lists_the_prompt_did_not_ask_for(text, asked, shows):
+    assert profile(text, asked)["bullets"] is shows
 
 
 # --- few-shot talk: answers about the template's examples instead of the prompt --------------------------------

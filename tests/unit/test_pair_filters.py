@@ -317,6 +317,22 @@ def test_chosen_with_an_unrequested_case_habit_is_dropped(ids, chosen, rejected)
     assert kept.kept and kept.chosen == 0
 
 
+def test_chosen_with_an_unrequested_bullet_list_is_dropped():
+    """A pair of the fifth GPU run's round 1 (gemma3-270m): the list won on letter counts, and round 2 answered
+    half of IFEval with bullets. Asked for a list, or both sides listing, it is a fair pair."""
+    from pair_builder.verify import unrequested_habit
+
+    ids = ["keywords:letter_frequency"]
+    chosen = ("The causes of the French Revolution are:\n- War with Austria-Hungary\n- Industrial Revolution\n"
+              "- Bourgeois democracy")
+    rejected = ("The cause of the French Revolution was the revolution of 1789 to replace the old monarchy by a new "
+                "one. The revolution was led by the People's")
+    assert unrequested_habit(chosen, rejected, ids) == "bullets"
+    assert unrequested_habit(chosen, rejected, [*ids, "detectable_format:number_bullet_lists"]) is None
+    assert unrequested_habit(chosen, "Causes:\n* debt\n* bread prices", ids) is None
+    assert unrequested_habit(rejected, chosen, ids) is None  # the list on the rejected side teaches nothing unasked
+
+
 def test_a_candidate_that_talks_about_the_fewshot_examples_is_ruled_out():
     """Recorded gemma3-270m answers that talk about the template's haiku / Canberra examples
     (tests/assets/fewshot_answers.jsonl): ruled out once the round's rare example words are known, and only then."""
