@@ -240,20 +240,27 @@ def copied_share(text: str, prompt: str, keep: Any = (), span: int = ECHO_SPAN) 
 
 
 # The few-shot habit (:func:`mentions_fewshot`): a word of the template's examples is "rare" when fewer than this
-# share of the prompts at hand contain it, and an answer talks about the examples when it has this many rare words
-# its prompt lacks. On the fifth GPU run's evals (docs/runs/base-gpu/run-5) the rates by round were 1.3%, 7.6%,
-# 22.7%, 52.3% at 5% (1.3%, 7.0%, 22%, 51% at 2%); one word alone caught common ones ("while", "long").
+# share of the prompts at hand contain it and it is not a common English word (IFEval's word list), and an answer
+# talks about the examples when it has this many rare words its prompt lacks. On the fifth GPU run's evals
+# (docs/runs/base-gpu/run-5) the rates by round were 0.9%, 4.3%, 20.7%, 47.3%. Without the common-word list,
+# pairs of everyday words ("many people", "work ... long") made half of the 7.3% of round-0 candidates it flagged;
+# with it, 1.8% are flagged, nearly all about the haiku, Canberra or the study-tips example.
 FEWSHOT_MAX_DF = 0.05
 FEWSHOT_MIN_WORDS = 2
 FEWSHOT_MIN_LETTERS = 4
 
 
-def fewshot_words(examples: Sequence[str], prompts: Sequence[str], max_df: float = FEWSHOT_MAX_DF) -> frozenset[str]:
+def fewshot_words(examples: Sequence[str], prompts: Sequence[str], max_df: float = FEWSHOT_MAX_DF,
+                  common: frozenset[str] | set[str] | None = None) -> frozenset[str]:
     """The rare words of few-shot ``examples`` (their queries and answers): words of at least
-    :data:`FEWSHOT_MIN_LETTERS` letters that fewer than ``max_df`` of ``prompts`` contain ("haiku", "autumn",
-    "canberra" for the base template; not "write" or "about"). ``prompts``: the prompts being answered (an eval
-    suite, a round's instructions), so the words are rare where they are judged."""
-    cand = {w for t in examples for w in words(t) if len(w) >= FEWSHOT_MIN_LETTERS and w.isalpha()}
+    :data:`FEWSHOT_MIN_LETTERS` letters, not in ``common``, that fewer than ``max_df`` of ``prompts`` contain
+    ("haiku", "autumn", "canberra" for the base template; not "write", "people" or "night"). ``prompts``: the
+    prompts being answered (an eval suite, a round's instructions), so the words are rare where they are judged;
+    ``common``: everyday words, which prompts rarely hold but answers often do (default
+    :data:`eval.ifeval.COMMON_WORDS`)."""
+    if common is None:
+        from eval.ifeval import COMMON_WORDS as common
+    cand = {w for t in examples for w in words(t) if len(w) >= FEWSHOT_MIN_LETTERS and w.isalpha()} - set(common)
     if not cand:
         return frozenset()
     df = Counter(w for p in prompts for w in cand & set(words(p)))

@@ -97,6 +97,10 @@ INSTRUCTION_IDS: tuple[str, ...] = tuple(sorted(_registry.INSTRUCTION_DICT))  # 
 _checkers.install(_registry)
 KNOWN_IDS: tuple[str, ...] = (*INSTRUCTION_IDS, *sorted(_checkers.PROJECT))
 
+# IFEval's list of common English words (the words its keyword instructions draw): what is not rare in any text.
+COMMON_WORDS: frozenset[str] = frozenset(w.lower() for w in sys.modules[
+    "lm_eval.tasks.ifeval.instructions_util"].WORD_LIST)
+
 
 class IFEvalSuiteError(ValueError):
     """An IFEval-style suite has invalid items; ``problems`` lists each one with its line number."""

@@ -41,7 +41,7 @@ from typing import Any
 
 from rapidfuzz.distance import Levenshtein
 
-from eval.degeneration import is_looping
+from eval.degeneration import fewshot_words, is_looping
 from pair_builder.relevance import task_overlap
 from pair_builder.verify import ExampleIndex, dominates, echo_grams, restates
 from shared.prompting import BaseTemplate, load_template, new_turn_at
@@ -50,8 +50,8 @@ from shared.prompting import BaseTemplate, load_template, new_turn_at
 DEFAULT_MAX_EDIT_DISTANCE = 0.8
 DEFAULT_MIN_OVERLAP = 0.2
 MIN_PMI = 0.0  # what the audit calls irrelevant under PMI (pairs.min_pmi is off by default)
-DEFECTS = ("runs_on", "copies_example", "echoes_instruction", "looping", "not_dominant", "truncated", "too_different", "irrelevant",
-           "irrelevant_pmi")
+DEFECTS = ("runs_on", "copies_example", "mentions_fewshot", "echoes_instruction", "looping", "not_dominant", "truncated",
+           "too_different", "irrelevant", "irrelevant_pmi")
 # defect -> the hand label it predicts in the labelled set
 LABEL_OF = {"runs_on": "runs_on", "copies_example": "copies_example", "looping": "looping",
             "not_dominant": "chosen_not_better", "truncated": "truncated", "too_different": "too_different",
@@ -102,6 +102,7 @@ def pair_defects(pair: dict[str, Any], *, examples: ExampleIndex, template: Base
     return {
         "runs_on": new_turn_at(ch, ins, [*template.stop, "\n" + template.query_prefix.strip()]) is not None,
         "copies_example": examples.copies(ch, ins),
+        "mentions_fewshot": examples.mentions(ch, ins) if examples.fewshot else None,
         "echoes_instruction": echoes(ch, ins, pair.get("constraints") or []),
         "looping": is_looping(ch),
         "not_dominant": None if cp is None or rp is None else not dominates(list(cp), list(rp)),
@@ -186,6 +187,8 @@ def audit_dir(pairs_dir: str | Path, *, sample: int | None = 200, seed: int = 0,
             max_tokens = json.loads(man.read_text()).get("sampling", {}).get("max_tokens")
     rows = read_pairs(pairs_dir, template)
     total = len(rows)
+    # the example words rare among the pairs' instructions (pair building judges by its round's instructions)
+    examples = examples.with_fewshot(fewshot_words(template.example_texts(), [r["instruction"] for r in rows]))
     if sample is not None and len(rows) > sample:
         rows = random.Random(seed).sample(rows, sample)
     _rescore(rows)
@@ -223,7 +226,8 @@ def evaluate_labelled(rows: list[dict[str, Any]], *, template: BaseTemplate | No
     from pair_builder.constitution import load_constitution
 
     template = template or load_template()
-    examples = ExampleIndex.from_sources(template, constitution or load_constitution())
+    examples = ExampleIndex.from_sources(template, constitution or load_constitution()).with_fewshot(
+        fewshot_words(template.example_texts(), [r["instruction"] for r in rows]))
     flags = [pair_defects(r, examples=examples, template=template, max_edit_distance=max_edit_distance,
                           min_overlap=min_overlap, min_pmi=min_pmi) for r in rows]
     not_worth = [not r["labels"]["worth_learning"] for r in rows]

@@ -234,7 +234,7 @@ def test_fewshot_words_are_the_examples_rare_words():
 
 def test_mentions_fewshot_on_recorded_gemma_answers():
     """Real IFEval answers of gemma3-270m's DPO rounds (docs/runs/base-gpu/run-5), labelled by reading them. The
-    rule misses what `note` says (one rare word alone; two common words the prompts rarely use)."""
+    rule misses what `note` says (one rare word alone; the haiku told in common words)."""
     from eval.degeneration import fewshot_words, mentions_fewshot
     from eval.ifeval import load_ifeval_prompts
     from shared.prompting import load_template
