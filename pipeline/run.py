@@ -302,7 +302,7 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
             return stop or _no_pairs(state, rk, k, model_dir)
     ledger = CostLedger(rk.ledger, cfg.cost.gpu_usd_per_hour)
     log_dir = Path(cfg.pipeline.server_log_dir or rd.path)
-    start, stop = _placement(cfg)
+    start, stop_servers = _placement(cfg)
     with ledger.stage("serve_start", model=str(model_dir), placement=cfg.server.placement) as st:
         # server.replicas servers (on this node, or one per Ray actor on the cluster), started together; the eval
         # and pair building spread over all
@@ -339,7 +339,7 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
             stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
             _mark(state, f"round-{k}/pairs", kept=stats.get("kept"))
     finally:
-        stop(servers)  # every replica's process gone (on every node) before training takes the GPUs
+        stop_servers(servers)  # every replica's process gone (on every node) before training takes the GPUs
     return _no_pairs(state, rk, k, model_dir)
 
 

@@ -74,7 +74,10 @@ def two_nodes(tmp_path, tiny_model_dir):
     try:
         url = f"http://127.0.0.1:{dash}"
         _wait(lambda: urllib.request.urlopen(url + "/api/version", timeout=2), nodes[0], tmp_path / "head.log")
-        nodes.append(_ray_node(["--address", f"127.0.0.1:{port}"], env, tmp_path / "worker.log"))
+        # a temp dir of its own: two nodes sharing one would each clean up the other's runtime envs (a job's
+        # working dir vanished under pair_builder)
+        nodes.append(_ray_node(["--address", f"127.0.0.1:{port}", "--temp-dir", f"{temp}w"], env,
+                               tmp_path / "worker.log"))
         _wait(lambda: _gen_server_units(url) == 2 or 1 / 0, nodes[1], tmp_path / "worker.log")
         yield f"127.0.0.1:{port}", url, env
     finally:
@@ -147,7 +150,7 @@ def test_pipeline_round_on_the_cluster(two_nodes, tiny_config, tiny_model_dir, m
     p.write_text(yaml.safe_dump(cfg))
     before = _servers(tiny_model_dir)
     r = _pipeline("run", "--config", str(p), timeout=1200)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
     placed = [line for line in r.stderr.splitlines() if "gen_server replica at" in line]
     assert len(placed) == 4, r.stderr[-4000:]  # two replicas in round 0, two in round 1 (on the merged model)
     for rnd in (placed[:2], placed[2:]):
