@@ -45,7 +45,8 @@ log = logging.getLogger("gen_server")
 # from it. Fields the CLI names differently (the argparse dest), and the one it takes after `--`:
 DEST = {"health_timeout_s": "health_timeout"}
 AFTER_DASHDASH = {"extra_args"}
-PIPELINE_ONLY = {"replicas"}  # how many servers the pipeline starts: not a setting of one server
+# how many servers the pipeline starts, and where: not settings of one server
+PIPELINE_ONLY = {"replicas", "placement", "ray_address", "ray_resource"}
 CLI_HELP = {  # what the CLI says instead of the schema's default
     "model": f"Required. Packaged: {', '.join(KNOWN_MODELS)}.",
     "api_key": "Default: $GEN_SERVER_API_KEY; none if unset.",

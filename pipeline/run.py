@@ -246,16 +246,20 @@ def decide(cfg: Config, rd: RunDir, k: int) -> tuple[str, str | None] | None:
     return None
 
 
-def pairs_command(cfg: Config, cfg_path: Path, k: int, server_urls: list[str], api_key: str
-                  ) -> tuple[list[str], dict[str, str]]:
+def pairs_command(cfg: Config, cfg_path: Path, k: int, server_urls: list[str], api_key: str,
+                  cluster_url: str | None = None) -> tuple[list[str], dict[str, str]]:
     """The pair_builder invocation for round k: a child process with its own local Ray, or a `ray job submit`
-    to a cluster. The key never goes on a command line (visible in `ps`): it is in the child's environment, or
-    in the job's runtime env, written to a private (0600) file beside the config."""
+    to a cluster: pairs.ray_address, else RAY_ADDRESS, else ``cluster_url`` (the job API of the cluster the
+    servers run on), else the local default. The job's driver joins the cluster it runs on
+    (``pairs.ray_address=auto``: inside a job, RAY_ADDRESS is that cluster's), whatever address it was submitted
+    to. The key never goes on a command line (visible in `ps`): it is in the child's environment, or in the
+    job's runtime env, written to a private (0600) file beside the config."""
     args = ["--config", str(cfg_path), f"pairs.round={k}", f"pairs.servers=[{','.join(server_urls)}]"]
     env = {"GEN_SERVER_API_KEY": api_key}
     if cfg.pipeline.pairs_runner == "inprocess":
         return [sys.executable, "-m", "pair_builder", *args], env
-    address = cfg.pairs.ray_address or os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
+    address = cfg.pairs.ray_address or os.environ.get("RAY_ADDRESS") or cluster_url or "http://127.0.0.1:8265"
+    args.append("pairs.ray_address=auto")
     ray_cli = Path(sys.executable).with_name("ray")  # this environment's, whether activated or not
     runtime_env = cfg_path.parent / f".pairs-runtime-env-round-{k}.json"  # JSON is YAML, as --runtime-env wants
     fd = os.open(runtime_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -264,6 +268,24 @@ def pairs_command(cfg: Config, cfg_path: Path, k: int, server_urls: list[str], a
     cmd = [str(ray_cli) if ray_cli.exists() else "ray", "job", "submit", "--address", address, "--working-dir", ".",
            "--runtime-env", str(runtime_env), "--", "python", "-m", "pair_builder", *args]
     return cmd, {}
+
+
+def _placement(cfg: Config) -> tuple[Any, Any]:
+    """How round servers start and stop: on this node, or as Ray actors on the cluster (server.placement)."""
+    if cfg.server.placement == "ray":
+        from gen_server.cluster import start_on_ray, stop_on_ray
+
+        return start_on_ray, stop_on_ray
+    return start_replicas, stop_all
+
+
+def _cluster_jobs_url(cfg: Config) -> str | None:
+    """The job API of the cluster the servers run on (server.placement=ray), for a ray_job pair build."""
+    if cfg.server.placement != "ray" or cfg.pipeline.pairs_runner != "ray_job":
+        return None
+    from gen_server.cluster import dashboard_url
+
+    return dashboard_url()
 
 
 def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Path) -> tuple[str, str | None] | None:
@@ -280,9 +302,11 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
             return stop or _no_pairs(state, rk, k, model_dir)
     ledger = CostLedger(rk.ledger, cfg.cost.gpu_usd_per_hour)
     log_dir = Path(cfg.pipeline.server_log_dir or rd.path)
-    with ledger.stage("serve_start", model=str(model_dir)) as st:
-        # server.replicas servers on this node, started together; the eval and pair building spread over all
-        servers = start_replicas(cfg.server, model_dir, lambda i: log_dir / (
+    start, stop_servers = _placement(cfg)
+    with ledger.stage("serve_start", model=str(model_dir), placement=cfg.server.placement) as st:
+        # server.replicas servers (on this node, or one per Ray actor on the cluster), started together; the eval
+        # and pair building spread over all
+        servers = start(cfg.server, model_dir, lambda i: log_dir / (
             f"gen_server-round-{k}.log" if i == 0 else f"gen_server-round-{k}-replica-{i}.log"))
         st.add(replicas=len(servers))
     srv = servers[0]
@@ -308,13 +332,14 @@ def _serve_phase(cfg: Config, rd: RunDir, state: RunState, k: int, cfg_path: Pat
         if stop is not None:
             return stop
         if not state.done(f"round-{k}/pairs"):
-            cmd, env = pairs_command(cfg, cfg_path, k, [s.base_url for s in servers], srv.api_key)
+            cmd, env = pairs_command(cfg, cfg_path, k, [s.base_url for s in servers], srv.api_key,
+                                     _cluster_jobs_url(cfg))
             _stage(cmd, f"round-{k}/pairs", env)
             stats_path = rk.pairs / ".meta" / "stats.json"
             stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
             _mark(state, f"round-{k}/pairs", kept=stats.get("kept"))
     finally:
-        stop_all(servers)
+        stop_servers(servers)  # every replica's process gone (on every node) before training takes the GPUs
     return _no_pairs(state, rk, k, model_dir)
 
 

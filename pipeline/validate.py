@@ -58,7 +58,7 @@ def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
     if cfg.pairs.servers:
         problems.append("pairs.servers must be empty in a pipeline run: the pipeline starts its own gen_server "
                         "per round (set server.* instead; server.replicas for several)")
-    if cfg.server.backend != "embedded" and cfg.server.replicas != 1:
+    if cfg.server.backend != "embedded" and cfg.server.replicas != 1 and cfg.server.placement == "local":
         from gen_server.process import replica_devices, visible_gpus
 
         try:  # enough GPUs for every replica's tensor-parallel group
