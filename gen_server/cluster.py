@@ -22,7 +22,7 @@ from typing import Any
 
 import ray
 
-from gen_server.process import STOP_GRACE_S, ServerProcess, stop_all
+from gen_server.process import STOP_GRACE_S, ServerProcess, gpus_per_replica, stop_all
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,7 @@ def replica_count(server: Any) -> int:
     have = ray.cluster_resources()
     if server.ray_resource:
         return max(1, int(have.get(server.ray_resource, 0)))
-    return max(1, int(have.get("GPU", 0)) // gpus_per_replica(server))
-
-
-def gpus_per_replica(server: Any) -> int:
-    """GPUs one replica holds: none for the embedded CPU server, else its tensor x data parallel group."""
-    return 0 if server.backend == "embedded" else server.tensor_parallel_size * server.data_parallel_size
+    return max(1, int(have.get("GPU", 0)) // max(1, gpus_per_replica(server)))
 
 
 def actor_options(server: Any) -> dict[str, Any]:

@@ -170,18 +170,24 @@ def visible_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def replica_devices(replicas: int | str, tensor_parallel: int, gpus: int) -> list[str | None]:
-    """The ``CUDA_VISIBLE_DEVICES`` of each replica: consecutive groups of ``tensor_parallel`` GPUs ("0", "1", or
-    "0,1", "2,3"); None for each replica when there is no GPU (the embedded CPU server). ``auto``: as many
-    replicas as the GPUs hold (at least one). Raises ValueError when the GPUs are too few."""
-    if gpus == 0:
+def gpus_per_replica(server: Any) -> int:
+    """GPUs one replica holds: none for the embedded CPU server, else vLLM's tensor x data parallel group."""
+    return 0 if server.backend == "embedded" else server.tensor_parallel_size * server.data_parallel_size
+
+
+def replica_devices(replicas: int | str, per_replica: int, gpus: int) -> list[str | None]:
+    """The ``CUDA_VISIBLE_DEVICES`` of each replica: consecutive groups of ``per_replica`` GPUs
+    (:func:`gpus_per_replica`: "0", "1", or "0,1", "2,3"); None for each replica when there is no GPU (the
+    embedded CPU server). ``auto``: as many replicas as the GPUs hold (at least one). Raises ValueError when the
+    GPUs are too few."""
+    if gpus == 0 or per_replica == 0:
         return [None] * (1 if replicas == "auto" else int(replicas))
-    n = max(1, gpus // tensor_parallel) if replicas == "auto" else int(replicas)
-    if n * tensor_parallel > gpus:
-        raise ValueError(f"server.replicas={replicas} x server.tensor_parallel_size={tensor_parallel} needs "
-                         f"{n * tensor_parallel} GPUs; {gpus} visible. Lower server.replicas (or use 'auto')")
+    n = max(1, gpus // per_replica) if replicas == "auto" else int(replicas)
+    if n * per_replica > gpus:
+        raise ValueError(f"server.replicas={replicas} x {per_replica} GPU(s) a replica (tensor x data parallel "
+                         f"size) needs {n * per_replica} GPUs; {gpus} visible. Lower server.replicas (or use 'auto')")
     ids = _cuda_visible() or [str(i) for i in range(gpus)]
-    return [",".join(ids[i * tensor_parallel:(i + 1) * tensor_parallel]) for i in range(n)]
+    return [",".join(ids[i * per_replica:(i + 1) * per_replica]) for i in range(n)]
 
 
 def start_replicas(server: Any, model: str | os.PathLike[str], log_path: Any, **kwargs: Any) -> list[ServerProcess]:
@@ -189,7 +195,7 @@ def start_replicas(server: Any, model: str | os.PathLike[str], log_path: Any, **
     GPU(s) and sharing one API key; ``log_path(i)`` names replica i's log. All are stopped if one fails."""
     from concurrent.futures import ThreadPoolExecutor
 
-    devices = replica_devices(server.replicas, server.tensor_parallel_size,
+    devices = replica_devices(server.replicas, gpus_per_replica(server),
                               visible_gpus() if server.backend != "embedded" else 0)
     key = server.api_key or secrets.token_hex(16)
     procs = []

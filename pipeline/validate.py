@@ -59,10 +59,10 @@ def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
         problems.append("pairs.servers must be empty in a pipeline run: the pipeline starts its own gen_server "
                         "per round (set server.* instead; server.replicas for several)")
     if cfg.server.backend != "embedded" and cfg.server.replicas != 1 and cfg.server.placement == "local":
-        from gen_server.process import replica_devices, visible_gpus
+        from gen_server.process import gpus_per_replica, replica_devices, visible_gpus
 
         try:  # enough GPUs for every replica's tensor-parallel group
-            replica_devices(cfg.server.replicas, cfg.server.tensor_parallel_size, visible_gpus())
+            replica_devices(cfg.server.replicas, gpus_per_replica(cfg.server), visible_gpus())
         except ValueError as e:
             problems.append(str(e))
     if cfg.cost.budget_usd is not None and cfg.cost.gpu_usd_per_hour == 0:

@@ -117,3 +117,15 @@ def test_replica_devices_pin_each_replica_to_its_gpus(monkeypatch):
     assert replica_devices(3, 1, 0) == [None, None, None]  # CPU: embedded servers, nothing to pin
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # a job given GPUs 4 and 6: replicas get those
     assert replica_devices("auto", 1, 2) == ["4", "6"]
+
+
+def test_a_replica_holds_its_tensor_times_data_parallel_gpus():
+    from gen_server.process import gpus_per_replica, replica_devices
+    from shared.config import ServerConfig
+
+    s = ServerConfig(backend="vllm", tensor_parallel_size=2, data_parallel_size=2)
+    assert gpus_per_replica(s) == 4
+    assert replica_devices("auto", gpus_per_replica(s), 8) == ["0,1,2,3", "4,5,6,7"]
+    with pytest.raises(ValueError, match="needs 8 GPUs; 4 visible"):
+        replica_devices(2, gpus_per_replica(s), 4)
+    assert gpus_per_replica(ServerConfig(backend="embedded", tensor_parallel_size=2)) == 0
