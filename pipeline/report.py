@@ -71,9 +71,6 @@ def _scores_plot(rounds: list[tuple[int, dict[str, Any], tuple[float, float] | N
     return out
 
 
-RATE_COLS = RATE_MEASURES  # truncation, loops, echoes, then every habit of eval.degeneration.HABITS
-
-
 def _degeneration_plot(rows: list[tuple[int, dict[str, Any]]], out: Path) -> Path:
     import matplotlib
 
@@ -82,7 +79,7 @@ def _degeneration_plot(rows: list[tuple[int, dict[str, Any]]], out: Path) -> Pat
 
     ks = [k for k, _ in rows]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for m in RATE_COLS:
+    for m in RATE_MEASURES:
         vals = [f.get(m) for _, f in rows]
         if any(v is not None for v in vals):
             ax.plot(ks, [float("nan") if v is None else v for v in vals], marker="o", label=m.removesuffix("_rate"))
@@ -125,7 +122,7 @@ def _measure_blocks(cfg: Config, rd: RunDir, ks: list[int]) -> list[Block]:
             fails = guard_failures(cfg, rd, k, get) if k in ks else []
             verdict = "baseline" if k == 0 else ("off" if not g.enabled else
                                                  "pass" if not fails else "FAIL: " + "; ".join(fails))
-            rows.append([str(k), *(_fmt(f.get(m)) for m in RATE_COLS), _fmt(f["distinct_1"]), _fmt(f["distinct_2"]),
+            rows.append([str(k), *(_fmt(f.get(m)) for m in RATE_MEASURES), _fmt(f["distinct_1"]), _fmt(f["distinct_2"]),
                          f"{f['words_median']:.0f} / {f['words_p90']:.0f} / {f['words_mean']:.0f}", verdict])
         blocks += [
             ("h2", "Degeneration by round"),

@@ -61,7 +61,7 @@ def validate_pipeline(cfg: Config, model_dir: Path | None) -> None:
     if cfg.server.backend != "embedded" and cfg.server.replicas != 1 and cfg.server.placement == "local":
         from gen_server.process import gpus_per_replica, replica_devices, visible_gpus
 
-        try:  # enough GPUs for every replica's tensor-parallel group
+        try:  # enough GPUs for every replica's tensor x data parallel group
             replica_devices(cfg.server.replicas, gpus_per_replica(cfg.server), visible_gpus())
         except ValueError as e:
             problems.append(str(e))

@@ -78,10 +78,10 @@ class ServerConfig(Section):
     health_timeout_s: float = Field(900.0, gt=0, description="How long to wait for /health after start.")
     replicas: int | Literal["auto"] = Field(
         1, description="Pipeline: generation servers per round, on this node: each vLLM replica pinned to its own "
-        "GPU(s) (tensor_parallel_size each); auto = one per tensor_parallel_size of the visible GPUs. Pair building "
+        "GPU(s) (tensor_parallel_size x data_parallel_size each); auto = as many as the visible GPUs hold. Pair building "
         "and the eval spread over all of them (one lost mid-round is dropped; the others finish its work). Not an "
         "option of one gen_server. placement=ray: replicas on the cluster; auto = one per unit of ray_resource "
-        "there (per tensor_parallel_size GPUs when ray_resource is null).")
+        "there (per tensor_parallel_size x data_parallel_size GPUs when ray_resource is null).")
     placement: Literal["local", "ray"] = Field(
         "local", description="Pipeline: where each round's servers run. local: on this node. ray: one Ray actor per "
         "replica on the cluster at ray_address (gen_server.cluster), bound to its node's IP behind the API key; "
@@ -91,7 +91,7 @@ class ServerConfig(Section):
         "the cluster started on this node (`ray start --head`).")
     ray_resource: str | None = Field(
         "gen_server", description="placement=ray: Ray custom resource each replica takes one of (cluster.yaml gives "
-        "each GPU worker one), besides tensor_parallel_size GPUs for vLLM; null = GPUs alone.")
+        "each GPU worker one), besides tensor_parallel_size x data_parallel_size GPUs for vLLM; null = GPUs alone.")
 
     @property
     def base_url(self) -> str:
